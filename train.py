@@ -1,0 +1,407 @@
+"""
+Train an MLLM the LLaVA-1.5 way (SPEC section 5), one plain loop under torchrun:
+
+  torchrun --standalone --nproc_per_node=1 train.py --projector avgpool          # the shapes world, CPU, minutes
+  torchrun --nproc_per_node=8 train.py --projector avgpool \\
+      --vision_tower openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5 \\
+      --data_path blip_laion_cc_sbu_558k.json --finetune_data_path llava_v1_5_mix665k.json --image_folder DIR
+
+Stage `pretrain` trains the projector on captions, stage `finetune` the projector and LoRA on conversations, `both`
+runs one then the other, `onestage` is the PRISM-style ablation (finetune only). With no data named, the embedded
+shapes world (SPEC section 8) is generated, its tiny models are built, both stages train, and the held-out
+questions are scored. Checkpoints hold what trains plus everything needed to resume exactly.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import IGNORE_INDEX, LlavaDataset, build_shapes_world, collate
+from model import CONFIG, WEIGHTS, build_model, load_trainable, save_trainable
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    # model; empty names mean the tiny models of the shapes world
+    projector: str = "avgpool"  # linear | avgpool | maxpool
+    num_tokens: int = 0  # M; 0 = the paper's compression (grid halved per side, 576 -> 144), N for linear
+    vision_tower: str = ""
+    llm: str = ""
+    # data (LLaVA JSON); none named = the shapes world
+    data_path: str = ""  # stage 1 captions, template plain
+    finetune_data_path: str = ""  # stage 2 conversations, template vicuna_v1
+    image_folder: str = ""
+    shapes_root: str = "data/shapes"
+    max_length: int = 2048  # after the visual tokens are inserted
+    skip_bad_samples: bool = False
+    # stages and recipe (SPEC section 5)
+    stage: str = "both"  # pretrain | finetune | both | onestage
+    pretrained_projector: str = ""  # stage-1 checkpoint to start stage 2 from ("both" sets it)
+    pretrain_batch_size: int = 256  # global batch
+    pretrain_lr: float = 1e-3
+    finetune_batch_size: int = 128
+    finetune_lr: float = 2e-4  # LoRA
+    finetune_projector_lr: float = 2e-5
+    micro_batch_size: int = 16  # per device; accumulation = global batch / (micro batch x world size)
+    epochs: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    # run
+    out_dir: str = ""  # "" = out/<projector>
+    save_every: int = 500  # optimizer steps between checkpoints
+    resume: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    evaluate: bool = True  # shapes world: score the held-out questions at the end
+
+
+# the shapes world trains tiny models from scratch on a CPU: its own recipe where the command line names none
+SHAPES_RECIPE = dict(max_length=256, pretrain_batch_size=32, pretrain_lr=1e-3, finetune_batch_size=32,
+                     finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=32, lora_r=64, lora_alpha=128,
+                     lora_dropout=0.0, save_every=100, num_workers=0)
+# the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8)
+TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4)
+TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=512)
+TINY_LLM_PRETRAIN = dict(steps=300, batch_size=32, lr=1e-3)  # language only, on the world's sentences
+
+
+def parse_args(cls, argv):
+    """`--key value` or `--key=value` for each field of the dataclass; a bare `--flag` sets a bool.
+    Returns the config and the set of names given."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values, i = {}, 0
+    while i < len(argv):
+        key, eq, val = argv[i].partition("=")
+        name = key[2:].replace("-", "_")
+        if not key.startswith("--") or name not in fields:
+            raise SystemExit(f"unknown argument {argv[i]!r}; options: {' '.join('--' + n for n in fields)}")
+        kind = type(fields[name].default)
+        if not eq:
+            bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
+            if bare and kind is not bool:
+                raise SystemExit(f"--{name} needs a value")
+            val, i = ("true", i) if bare else (argv[i + 1], i + 1)
+        if kind is bool:
+            if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise SystemExit(f"--{name} takes true or false, got {val!r}")
+            values[name] = val.lower() in ("true", "1", "yes")
+        else:
+            try:
+                values[name] = kind(val)
+            except ValueError:
+                raise SystemExit(f"--{name} takes a {kind.__name__}, got {val!r}")
+        i += 1
+    return cls(**values), set(values)
+
+
+# -----------------------------------------------------------------------------
+# distributed setup
+
+
+def setup_distributed():
+    """(rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU; plain `python train.py` runs alone."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return rank, world, torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# the shapes world: data and tiny models
+
+
+def prepare_shapes(cfg, rank):
+    """Generate the world and its tiny models (rank 0; the others wait), and point the config at them."""
+    root = cfg.shapes_root
+    vision, llm = os.path.join(root, "models", "vision"), os.path.join(root, "models", "llm")
+    if rank == 0:
+        world = build_shapes_world(root, seed=cfg.seed)
+        build_tiny_models(world, vision, llm, cfg.seed)
+    barrier()
+    world = build_shapes_world(root, seed=cfg.seed)  # cached: returns the paths
+    cfg.vision_tower = cfg.vision_tower or vision
+    cfg.llm = cfg.llm or llm
+    cfg.data_path, cfg.finetune_data_path = world["pretrain"], world["finetune"]
+    cfg.image_folder = world["image_folder"]
+    return world
+
+
+def build_tiny_models(world, vision_dir, llm_dir, seed):
+    """A random tiny CLIP tower (frozen, like CLIP but untrained) and a tiny Llama that first learns the world's
+    language from text alone (the stand-in for Vicuna's pretraining; it never sees an image). Cached."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, \
+        LlamaForCausalLM
+    with open(os.path.join(world["root"], "settings.json")) as f:
+        settings = dict(vision=TINY_VISION, llm=TINY_LLM, pretrain=TINY_LLM_PRETRAIN, seed=seed, world=json.load(f))
+    marker = os.path.join(llm_dir, "tiny_settings.json")
+    if os.path.isfile(marker) and json.load(open(marker)) == settings:
+        return
+    torch.manual_seed(seed)
+    side = TINY_VISION["image_size"]
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(vision_dir)
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        vision_dir)
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    pretrain_language(llm, tokenizer, world["text"], **TINY_LLM_PRETRAIN)
+    llm.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    with open(marker, "w") as f:
+        json.dump(settings, f)
+
+
+def pretrain_language(llm, tokenizer, text_path, steps, batch_size, lr):
+    dataset = LlavaDataset(text_path, "", tokenizer, None, "vicuna_v1", "pad", 0, 256)
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, 0.03))
+    llm.train()
+    for step in (bar := tqdm(range(steps), desc="tiny LLM, language only")):
+        idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+        batch = collate([dataset[i] for i in idx], tokenizer.pad_token_id, 1)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)  # every token
+        loss = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    llm.eval()
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def lr_factor(step, total, warmup_ratio):
+    # linear warmup over the first 3% of the steps, then cosine decay to 0 (SPEC section 5)
+    warmup = max(1, math.ceil(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def stage_recipe(cfg, stage):
+    """(data path, template, image mode, global batch, param groups builder) of a stage."""
+    if stage == "pretrain":
+        return cfg.data_path, "plain", "crop", cfg.pretrain_batch_size
+    return cfg.finetune_data_path, "vicuna_v1", "pad", cfg.finetune_batch_size
+
+
+def param_groups(model, cfg, stage):
+    if stage == "pretrain":
+        return [dict(params=list(model.projector.parameters()), lr=cfg.pretrain_lr)]
+    lora = [p for n, p in model.llm.named_parameters() if p.requires_grad]
+    return [dict(params=list(model.projector.parameters()), lr=cfg.finetune_projector_lr),
+            dict(params=lora, lr=cfg.finetune_lr)]
+
+
+def micro_batches(n, epoch, start, micro, world, rank, micro_per_epoch, seed):
+    """The index lists this rank reads in an epoch, from micro-batch `start` on: a seeded permutation cut into
+    micro-batches of the global batch, rank r taking every world-th one. Resuming only needs (epoch, start)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [perm[(k * world + rank) * micro:(k * world + rank + 1) * micro] for k in range(start, micro_per_epoch)]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to ckpt.tmp, then swapped in by renames, so a crash never leaves a half-written one
+
+
+def save_checkpoint(run_dir, model, optimizer, scheduler, step, cfg, stage):
+    tmp, final, old = (os.path.join(run_dir, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_trainable(model, os.path.join(tmp, WEIGHTS), metadata={"step": str(step)})
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step, rng=rng),
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, CONFIG), "w") as f:
+        json.dump(dict(dataclasses.asdict(cfg), stage=stage), f, indent=2)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir):
+    """The last complete checkpoint of a run, or None. `ckpt.old` is complete when a crash hit between the renames."""
+    for name in ("ckpt", "ckpt.old"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(os.path.join(path, "state.pt")):
+            return path
+    return None
+
+
+def load_state(path, model, optimizer, scheduler, device):
+    load_trainable(model, os.path.join(path, WEIGHTS))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# one stage
+
+
+def train_stage(cfg, stage, run_dir, rank, world, device):
+    """Train one stage into run_dir; returns the (unwrapped) model."""
+    torch.manual_seed(cfg.seed)
+    lora_r = 0 if stage == "pretrain" else cfg.lora_r
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer, processor = build_model(cfg.vision_tower, cfg.llm, cfg.projector, cfg.num_tokens, lora_r,
+                                              cfg.lora_alpha, cfg.lora_dropout, dtype=dtype)
+    cfg.num_tokens = model.num_visual_tokens
+    if stage == "finetune" and cfg.pretrained_projector:
+        load_trainable(model, os.path.join(cfg.pretrained_projector, WEIGHTS), prefix="projector.")
+    model.to(device)
+
+    data_path, template, image_mode, global_batch = stage_recipe(cfg, stage)
+    dataset = LlavaDataset(data_path, cfg.image_folder, tokenizer, processor, template, image_mode,
+                           model.num_visual_tokens, cfg.max_length, skip_bad=cfg.skip_bad_samples)
+    if global_batch % (cfg.micro_batch_size * world):
+        raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {cfg.micro_batch_size} x "
+                         f"{world} processes")
+    accum = global_batch // (cfg.micro_batch_size * world)
+    image_size = model.vision_tower.config.image_size
+    steps_per_epoch = len(dataset) // global_batch
+    total_steps = steps_per_epoch * cfg.epochs
+    if total_steps == 0:
+        raise ValueError(f"{data_path}: {len(dataset)} samples make no full global batch of {global_batch}")
+
+    wd = 0.1 if cfg.stage == "onestage" else cfg.weight_decay  # PRISM's recipe for one stage (paper Table 3)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, stage), weight_decay=wd)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_ratio))
+    step = 0
+    ckpt = find_checkpoint(run_dir) if cfg.resume else None
+    if ckpt:
+        step = load_state(ckpt, model, optimizer, scheduler, device)
+        if rank == 0:
+            print(f"{stage}: resumed from {ckpt} at step {step}/{total_steps}")
+    ddp_model = DDP(model) if dist.is_initialized() else model
+
+    def batches(step):  # micro-batches from optimizer step `step` to the end
+        for epoch in range(step // steps_per_epoch, cfg.epochs):
+            start = (step % steps_per_epoch) * accum if epoch == step // steps_per_epoch else 0
+            index_lists = micro_batches(len(dataset), epoch, start, cfg.micro_batch_size, world, rank,
+                                        steps_per_epoch * accum, cfg.seed)
+            yield from torch.utils.data.DataLoader(
+                dataset, batch_sampler=index_lists, num_workers=cfg.num_workers,
+                collate_fn=lambda b: collate(b, tokenizer.pad_token_id, image_size),
+                generator=torch.Generator())  # its own generator: the global RNG stays as resume left it
+
+    log = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.projector} {stage}", disable=rank != 0)
+    it, t0 = batches(step), time.time()
+    model.train()
+    while step < total_steps:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(it)
+            if batch is None:  # every sample of this micro-batch was bad and skipped (--skip_bad_samples)
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if dist.is_initialized():
+                ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = ddp_model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                 batch["pixel_values"])[0]
+            (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(loss_sum):
+            raise RuntimeError(f"{stage}: loss is {loss_sum.item()} at step {step}; the last good checkpoint "
+                               f"is {find_checkpoint(run_dir)}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if rank == 0:
+            record = dict(stage=stage, step=step, loss=round(loss_sum.item(), 5), lr=scheduler.get_last_lr()[-1],
+                          grad_norm=round(grad_norm.item(), 4), time=round(time.time() - t0, 2))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update()
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if step % cfg.save_every == 0 or step == total_steps:
+            if rank == 0:
+                save_checkpoint(run_dir, model, optimizer, scheduler, step, cfg, stage)
+            barrier()
+    bar.close()
+    if log:
+        log.close()
+    return model.eval(), tokenizer, processor
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    cfg, given = parse_args(TrainConfig, argv)
+    rank, world, device = setup_distributed()
+    shapes = not cfg.data_path and not cfg.finetune_data_path
+    if shapes:
+        for k, v in SHAPES_RECIPE.items():
+            if k not in given:
+                setattr(cfg, k, v)
+        world_paths = prepare_shapes(cfg, rank)
+    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.projector)
+    if rank == 0:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    stages = {"both": ["pretrain", "finetune"], "pretrain": ["pretrain"], "finetune": ["finetune"],
+              "onestage": ["finetune"]}
+    if cfg.stage not in stages:
+        raise SystemExit(f"--stage must be one of {', '.join(stages)}, got {cfg.stage!r}")
+    for stage in stages[cfg.stage]:
+        # stage 1 of a two-stage run lives in out/<projector>/pretrain; the final model in out/<projector>
+        run_dir = os.path.join(cfg.out_dir, "pretrain") if stage == "pretrain" and cfg.stage == "both" else cfg.out_dir
+        os.makedirs(run_dir, exist_ok=True)
+        model, tokenizer, processor = train_stage(cfg, stage, run_dir, rank, world, device)
+        if stage == "pretrain":
+            cfg.pretrained_projector = os.path.join(run_dir, "ckpt")
+    if shapes and cfg.evaluate and rank == 0:
+        from eval import evaluate_shapes, format_table
+        results = evaluate_shapes(model, tokenizer, processor, world_paths["eval_dir"], world_paths["image_folder"],
+                                  out_path=os.path.join(cfg.out_dir, "eval.json"))
+        print(format_table(results))
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
