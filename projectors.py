@@ -33,6 +33,10 @@ class MLPProjector(nn.Sequential):
         self.out_side = grid_side(num_tokens, "the number of visual tokens M")
 
     def forward(self, x):
+        expected = (self.in_side ** 2, self[0].in_features)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"projector expects features [B, N, d_v] = [B, {expected[0]}, {expected[1]}], "
+                             f"got {list(x.shape)}")
         if self.pool is not None:
             B, N, C = x.shape
             x = x.transpose(1, 2).reshape(B, C, self.in_side, self.in_side)  # [B, N, d_v] -> [B, d_v, n, n]

@@ -111,6 +111,13 @@ def test_projector_bad_arguments(args, match):
         build_projector(*args)
 
 
+def test_projector_refuses_features_of_another_shape():
+    proj = build_projector("avgpool", 8, 12, 16, 4)
+    for x in (torch.randn(1, 25, 8), torch.randn(1, 16, 10)):
+        with pytest.raises(ValueError, match=r"expects features \[B, N, d_v\] = \[B, 16, 8\]"):
+            proj(x)
+
+
 # -----------------------------------------------------------------------------
 # the MLLM
 
@@ -771,3 +778,18 @@ def test_checkpoint_of_another_projector_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match="projector avgpool"):
         train.main(train_args(world, tmp_path / "other", "--stage=finetune", "--projector=maxpool",
                               f"--pretrained_projector={tmp_path / 'ckpt'}"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    forward, calls = M.MLLM.forward, []
+
+    def nan_on_step_3(self, *args):  # micro-batch 5 = the first of step 3 (2 micro-batches per step)
+        loss, logits = forward(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), logits
+    monkeypatch.setattr(M.MLLM, "forward", nan_on_step_3)
+    with pytest.raises(RuntimeError, match="loss is nan at step 3"):
+        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
+    assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
+    assert state["step"] == 2

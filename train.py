@@ -343,7 +343,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
         if dist.is_initialized():
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if not torch.isfinite(loss_sum):
-            raise RuntimeError(f"{stage}: loss is {loss_sum.item()} at step {step}; the last good checkpoint "
+            raise RuntimeError(f"{stage}: loss is {loss_sum.item()} at step {step + 1}; the last good checkpoint "
                                f"is {find_checkpoint(run_dir)}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
