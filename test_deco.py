@@ -201,6 +201,25 @@ def test_lora_on_every_linear_but_lm_head(parts):
     assert not any("lm_head" in n for n in wrapped)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_vision_features_are_the_penultimate_layer_without_cls(parts, tmp_path, kind):
+    """CLIP: hidden_states[-2] minus its CLS row; SigLIP (no CLS): hidden_states[-2] as it is (SPEC section 2)."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    vision, llm = parts
+    if kind == "siglip":
+        vision = str(tmp_path / "siglip")
+        SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4)).save_pretrained(vision)
+        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision)
+    model, _, processor = M.build_model(vision, llm, "linear")
+    x = torch.randn(2, 3, 32, 32)
+    hidden = model.vision_tower(x, output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape[1] == (17 if kind == "clip" else 16)
+    expected = model.projector(hidden[:, 1:] if kind == "clip" else hidden)
+    torch.testing.assert_close(model.encode_images(x), expected)
+    assert model.num_visual_tokens == 16
+
+
 def test_placeholder_ids_agree():
     assert data.IMAGE_TOKEN_INDEX == M.IMAGE_TOKEN_INDEX and data.IGNORE_INDEX == M.IGNORE_INDEX
 
