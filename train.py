@@ -322,7 +322,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
                 collate_fn=lambda b: collate(b, tokenizer.pad_token_id, image_size),
                 generator=torch.Generator())  # its own generator: the global RNG stays as resume left it
 
-    log = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
+    log = open(os.path.join(run_dir, "log.jsonl"), "a" if ckpt else "w") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.projector} {stage}", disable=rank != 0)
     it, t0 = batches(step), time.time()
     model.train()
