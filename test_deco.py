@@ -220,6 +220,24 @@ def test_vision_features_are_the_penultimate_layer_without_cls(parts, tmp_path, 
     assert model.num_visual_tokens == 16
 
 
+def test_gradient_checkpointing_changes_no_gradient(parts):
+    vision, llm = parts
+    ids = torch.tensor([[1, 4, M.IMAGE_TOKEN_INDEX, 5, 6, 7]])
+    labels = torch.tensor([[-100, -100, -100, 5, 6, 7]])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
+        if checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(ids, torch.ones_like(ids), labels, torch.ones(1, 3, 32, 32))[0].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n])
+
+
 def test_placeholder_ids_agree():
     assert data.IMAGE_TOKEN_INDEX == M.IMAGE_TOKEN_INDEX and data.IGNORE_INDEX == M.IGNORE_INDEX
 

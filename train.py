@@ -62,6 +62,7 @@ class TrainConfig:
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory for 7B
     # run
     out_dir: str = ""  # "" = out/<projector>
     save_every: int = 500  # optimizer steps between checkpoints
@@ -284,6 +285,8 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     model, tokenizer, processor = build_model(cfg.vision_tower, cfg.llm, cfg.projector, cfg.num_tokens, lora_r,
                                               cfg.lora_alpha, cfg.lora_dropout, dtype=dtype)
     cfg.num_tokens = model.num_visual_tokens
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage == "finetune" and cfg.pretrained_projector:
         load_trainable(model, os.path.join(cfg.pretrained_projector, WEIGHTS), prefix="projector.")
     model.to(device)
