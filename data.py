@@ -436,7 +436,7 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def build_shapes_world(root, seed=0, n_train=6000, n_eval=300, image_size=96, max_objects=3, qa_turns=3,
+def build_shapes_world(root, seed=0, n_train=5000, n_eval=300, image_size=96, max_objects=3, qa_turns=6,
                        vocab_size=1024):
     """Write the shapes world under root, deterministically from the seed; reuse it when root/settings.json (written
     last) matches these settings. -> dict of paths."""
