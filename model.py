@@ -183,9 +183,10 @@ def load_llm(name, dtype=torch.float32, attn_implementation=None):
     return llm, tokenizer
 
 
-def tower_geometry(tower, drop_cls):
+def tower_geometry(tower):
+    """(N, d_v): the patches on the tower's grid (CLS excluded) and their width."""
     c = tower.config
-    return (c.image_size // c.patch_size) ** 2, c.hidden_size  # N, d_v
+    return (c.image_size // c.patch_size) ** 2, c.hidden_size
 
 
 def default_num_tokens(projector, N):
@@ -205,7 +206,7 @@ def build_model(vision_tower, llm, projector, num_tokens=None, lora_r=0, lora_al
     tower, processor, drop_cls = load_vision_tower(vision_tower, dtype)
     lm, tokenizer = load_llm(llm, dtype, attn_implementation)
     lm.requires_grad_(False)
-    N, d_v = tower_geometry(tower, drop_cls)
+    N, d_v = tower_geometry(tower)
     M = num_tokens or default_num_tokens(projector, N)
     proj = build_projector(projector, d_v, lm.config.hidden_size, N, M, **projector_options)
     if lora_r > 0:
@@ -224,7 +225,7 @@ def import_llava(path, dtype=torch.float32, attn_implementation=None):
     tower = llava.model.vision_tower
     lm = AutoModelForCausalLM.from_config(c.text_config, dtype=dtype, attn_implementation=attn_implementation)
     lm.model, lm.lm_head = llava.model.language_model, llava.lm_head
-    N, d_v = tower_geometry(tower, True)
+    N, d_v = tower_geometry(tower)
     proj = build_projector("linear", d_v, lm.config.hidden_size, N).to(dtype)
     src = llava.model.multi_modal_projector
     proj[0].load_state_dict(src.linear_1.state_dict())

@@ -215,7 +215,7 @@ def lr_factor(step, total, warmup_ratio):
 
 
 def stage_recipe(cfg, stage):
-    """(data path, template, image mode, global batch, param groups builder) of a stage."""
+    """(data path, template, image mode, global batch) of a stage (SPEC sections 4 and 5)."""
     if stage == "pretrain":
         return cfg.data_path, "plain", "crop", cfg.pretrain_batch_size
     return cfg.finetune_data_path, "vicuna_v1", "pad", cfg.finetune_batch_size
