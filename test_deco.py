@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                          LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast)
 
 import data
 import eval as ev
 import model as M
+import train
 from data import IGNORE_INDEX as X, IMAGE_TOKEN_INDEX as IMG
 from projectors import build_projector
 
@@ -80,7 +81,8 @@ def test_avgpool_is_mean_over_2x2_windows():
     proj = build_projector("avgpool", 8, 12, 16, 4)
     x = torch.randn(2, 16, 8)  # a 4x4 grid, row-major
     grid = x.view(2, 4, 4, 8)
-    pooled = torch.stack([grid[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean((1, 2)) for i in range(2) for j in range(2)], 1)
+    windows = [grid[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2] for i in range(2) for j in range(2)]  # row-major
+    pooled = torch.stack([w.mean((1, 2)) for w in windows], 1)
     torch.testing.assert_close(proj(x), proj[2](F.gelu(proj[0](pooled))))
 
 
@@ -88,7 +90,8 @@ def test_maxpool_is_max_over_2x2_windows():
     proj = build_projector("maxpool", 8, 12, 16, 4)
     x = torch.randn(1, 16, 8)
     grid = x.view(1, 4, 4, 8)
-    pooled = torch.stack([grid[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].amax((1, 2)) for i in range(2) for j in range(2)], 1)
+    windows = [grid[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2] for i in range(2) for j in range(2)]
+    pooled = torch.stack([w.amax((1, 2)) for w in windows], 1)
     torch.testing.assert_close(proj(x), proj[2](F.gelu(proj[0](pooled))))
 
 
@@ -727,15 +730,12 @@ def test_parse_args():
 # =============================================================================
 # train.py: a tiny world, tiny models, real loops
 
-import train  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small shapes world, a 4x4-patch CLIP tower and a random Llama over the world's tokenizer."""
     root = tmp_path_factory.mktemp("world")
     w = data.build_shapes_world(str(root / "shapes"), seed=0, n_train=64, n_eval=4)
-    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(w["tokenizer"])
     torch.manual_seed(0)
     CLIPVisionModel(tiny_vision_config(image_size=96, patch_size=24)).save_pretrained(root / "vision")
