@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 from data import IGNORE_INDEX, LlavaDataset, build_shapes_world, collate
 from model import CONFIG, WEIGHTS, build_model, load_trainable, save_trainable
@@ -161,13 +163,13 @@ def prepare_shapes(cfg, rank):
 def build_tiny_models(world, vision_dir, llm_dir, seed):
     """A random tiny CLIP tower (frozen, like CLIP but untrained) and a tiny Llama that first learns the world's
     language from text alone (the stand-in for Vicuna's pretraining; it never sees an image). Cached."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, \
-        LlamaForCausalLM
     with open(os.path.join(world["root"], "settings.json")) as f:
         settings = dict(vision=TINY_VISION, llm=TINY_LLM, pretrain=TINY_LLM_PRETRAIN, seed=seed, world=json.load(f))
     marker = os.path.join(llm_dir, "tiny_settings.json")
-    if os.path.isfile(marker) and json.load(open(marker)) == settings:
-        return
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == settings:
+                return
     torch.manual_seed(seed)
     side = TINY_VISION["image_size"]
     CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(vision_dir)
@@ -400,7 +402,7 @@ def main(argv):
         if stage == "pretrain":
             cfg.pretrained_projector = os.path.join(run_dir, "ckpt")
     if shapes and cfg.evaluate and rank == 0:
-        from eval import evaluate_shapes, format_table
+        from eval import evaluate_shapes, format_table  # here: eval.py imports this file for parse_args
         results = evaluate_shapes(model, tokenizer, processor, world_paths["eval_dir"], world_paths["image_folder"],
                                   out_path=os.path.join(cfg.out_dir, "eval.json"))
         print(format_table(results))
