@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM)
 
 from data import IGNORE_INDEX, LlavaDataset, build_shapes_world, collate
@@ -173,7 +173,7 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
     torch.manual_seed(seed)
     side = TINY_VISION["image_size"]
     CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         vision_dir)
     tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
     llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
