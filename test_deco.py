@@ -771,17 +771,18 @@ def test_training_loss_falls(world, tmp_path):
 
 
 def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
-    """Both stages; a crash right after the checkpoint of stage-2 step 4, then --resume: the same final weights."""
+    """Both stages; a crash in stage 2 as step 6 is being saved (the last checkpoint is step 4), then --resume:
+    the same final weights, and the log holds each step once."""
     extra = ("--epochs=2", "--save_every=2", "--lora_dropout=0.1")  # dropout: the RNG state must come back too
     train.main(train_args(world, tmp_path / "straight", *extra))
 
     save = train.save_checkpoint
 
-    def crash_after_step_4(run_dir, model, optimizer, scheduler, step, cfg, stage):
-        save(run_dir, model, optimizer, scheduler, step, cfg, stage)
-        if stage == "finetune" and step == 4:
+    def crash_at_step_6(run_dir, model, optimizer, scheduler, step, cfg, stage):
+        if stage == "finetune" and step == 6:
             raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_step_4)
+        save(run_dir, model, optimizer, scheduler, step, cfg, stage)
+    monkeypatch.setattr(train, "save_checkpoint", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(world, tmp_path / "resumed", *extra))
     monkeypatch.setattr(train, "save_checkpoint", save)
@@ -791,7 +792,7 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
     b = M.load_file(str(tmp_path / "resumed" / "ckpt" / M.WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_log(tmp_path / "resumed" / "log.jsonl") if r["stage"] == "finetune"]
-    assert steps == list(range(1, 9))  # steps 5..8 were not trained twice
+    assert steps == list(range(1, 9))  # steps 5 and 6 were logged before the crash, and once more after it
 
 
 def test_ddp_two_processes_equal_one_with_accumulation(world, tmp_path):

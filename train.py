@@ -267,6 +267,15 @@ def find_checkpoint(run_dir):
     return None
 
 
+def trim_log(path, stage, step):
+    """Drop the log records of `stage` past the checkpoint's step: they will be trained and logged again."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if r["stage"] != stage or r["step"] <= step)
+
+
 def load_state(path, model, optimizer, scheduler, device):
     load_trainable(model, os.path.join(path, WEIGHTS))
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
@@ -317,6 +326,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     if ckpt:
         step = load_state(ckpt, model, optimizer, scheduler, device)
         if rank == 0:
+            trim_log(os.path.join(run_dir, "log.jsonl"), stage, step)
             print(f"{stage}: resumed from {ckpt} at step {step}/{total_steps}")
     ddp_model = DDP(model) if dist.is_initialized() else model
 
