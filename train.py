@@ -81,7 +81,7 @@ SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretr
                      lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
 # the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). One vision block: hidden_states[-2] is then
 # the (random, frozen) patch embedding. initializer_range 0.1, not 0.02: the frozen lm_head of a 128-wide model
-# initialised at 0.02 cannot move its logits by more than a few units, and the stage-2 loss stalls near 4.4
+# initialised at 0.02 cannot move its logits by more than a few units, and stage 2 stalls on one answer per kind
 TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                    num_attention_heads=4)
 TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
