@@ -3,15 +3,18 @@ Evaluation: the LLaVA-1.5 scorers (SPEC 6) and the shapes-world held-out evaluat
 
     python eval.py --ckpt out/avgpool                  # prints a table, writes out/avgpool/eval.json
     python eval.py --ckpt=out/avgpool --limit=50       # quick look: first 50 questions per task
+    python eval.py --table out                         # one table of every out/<run>/eval.json
 """
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 import data
@@ -31,6 +34,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     limit: int = 0            # > 0: only the first `limit` questions of each task
     device: str = ""          # default: cuda if available, else cpu
+    table: str = ""           # a folder of runs (out/): compare their eval.json in one markdown table, evaluate nothing
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +229,34 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def compare_runs(root):
+    """One markdown table: a row per run folder under root that holds eval.json, with its projector, visual tokens
+    M and trainable projector parameters (from the checkpoint), and each task's headline metric."""
+    rows, tasks = [], []
+    for run in sorted(os.listdir(root)):
+        path = os.path.join(root, run)
+        if not os.path.isfile(os.path.join(path, "eval.json")):
+            continue
+        with open(os.path.join(path, "eval.json")) as f:
+            results = json.load(f)
+        with open(os.path.join(path, "ckpt", "config.json")) as f:
+            cfg = json.load(f)
+        with safe_open(os.path.join(path, "ckpt", "model.safetensors"), "pt") as f:
+            params = sum(math.prod(f.get_slice(k).get_shape())
+                         for k in f.keys() if k.startswith("projector."))
+        tasks += [t for t in results if t not in tasks]
+        rows.append((run, cfg["projector"], cfg["num_tokens"], params, results))
+    if not rows:
+        raise SystemExit(f"{root}: no run folder with an eval.json")
+    lines = ["| run | projector | M | projector params | " + " | ".join(f"{t} ({HEADLINE.get(t, 'accuracy')})"
+                                                                  for t in tasks) + " |",
+             "|" + " --- |" * (4 + len(tasks))]
+    for run, projector, m, params, results in rows:
+        cells = [f"{100 * results[t][HEADLINE.get(t, 'accuracy')]:.1f}" if t in results else "-" for t in tasks]
+        lines.append(f"| {run} | {projector} | {m} | {params:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def shapes_paths(cfg, train_cfg):
     """eval_dir and image_folder: from the command line, else from the shapes world the checkpoint was trained on."""
     root = train_cfg.get("shapes_root")
@@ -236,6 +268,9 @@ def shapes_paths(cfg, train_cfg):
 
 if __name__ == "__main__":
     cfg, _ = parse_args(EvalConfig, sys.argv[1:])
+    if cfg.table:
+        print(compare_runs(cfg.table))
+        sys.exit()
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, image_processor, train_cfg = load_model(cfg.ckpt, device=device)

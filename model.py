@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel,
                           LlavaForConditionalGeneration, SiglipVisionModel)
 
-from projectors import build_projector
+from projectors import BLIP2_PREFIXES, build_projector
 
 IGNORE_INDEX = -100  # label of every position without a loss
 IMAGE_TOKEN_INDEX = -200  # the id data.py puts where `<image>` stood; replaced by the M visual tokens here
@@ -297,4 +297,36 @@ def model_args(cfg):
     lora = cfg["lora_r"] if cfg["stage"] != "pretrain" else 0
     return dict(vision_tower=cfg["vision_tower"], llm=cfg["llm"], projector=cfg["projector"],
                 num_tokens=cfg["num_tokens"], lora_r=lora, lora_alpha=cfg["lora_alpha"],
-                lora_dropout=cfg["lora_dropout"])
+                lora_dropout=cfg["lora_dropout"], **parse_projector_options(cfg.get("projector_options", "")))
+
+
+def parse_projector_options(text):
+    """"num_layers=4,hidden_size=512" -> {"num_layers": 4, "hidden_size": 512} (every option is an integer)."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"projector_options: {item!r} is not key=integer (e.g. num_layers=4,hidden_size=512)")
+        options[key.strip()] = int(value)
+    return options
+
+
+def read_blip2(path):
+    """The Q-Former tensors of a BLIP-2 checkpoint, for QFormer.load_blip2: a transformers folder (safetensors,
+    sharded or not), a .safetensors file, or a LAVIS .pth (read with weights_only=True)."""
+    wanted = tuple(p for p, _ in BLIP2_PREFIXES) + ("query_tokens", "language_projection.", "ln_vision.")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    elif path.endswith(".safetensors"):
+        files = [path]
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        return {k: v for k, v in state.items() if k.startswith(wanted)}
+    if not files:
+        raise ValueError(f"{path}: no .safetensors file in this folder (a BLIP-2 checkpoint was expected)")
+    state = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)})
+    return state

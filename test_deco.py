@@ -70,7 +70,8 @@ def parts(tmp_path_factory):
 # projectors
 
 
-@pytest.mark.parametrize("name,M", [("linear", 16), ("avgpool", 4), ("maxpool", 4), ("avgpool", 9)])
+@pytest.mark.parametrize("name,M", [("linear", 16), ("avgpool", 4), ("maxpool", 4), ("avgpool", 9), ("qformer", 4),
+                                    ("cabstractor", 4), ("cabstractor", 9), ("dabstractor", 4), ("dabstractor", 9)])
 def test_projector_shapes(name, M):
     proj = build_projector(name, 32, 48, 16, M)
     assert proj(torch.randn(2, 16, 32)).shape == (2, M, 48)
@@ -95,19 +96,14 @@ def test_maxpool_is_max_over_2x2_windows():
     torch.testing.assert_close(proj(x), proj[2](F.gelu(proj[0](pooled))))
 
 
-def test_mlp_parameter_count_at_paper_configuration():
-    # SPEC section 3: 1024*4096 + 4096 + 4096*4096 + 4096 = 20,979,712 for linear, avgpool and maxpool alike
-    with torch.device("meta"):
-        for name, M in [("linear", 576), ("avgpool", 144), ("maxpool", 144)]:
-            assert sum(p.numel() for p in build_projector(name, 1024, 4096, 576, M).parameters()) == 20_979_712
-
-
 @pytest.mark.parametrize("args,match", [
     (("avgpool", 8, 8, 15, 4), "perfect square"),  # N not a grid
     (("avgpool", 8, 8, 16, 5), "perfect square"),  # M not a grid
     (("avgpool", 8, 8, 16, 25), "more than"),  # M > N
     (("linear", 8, 8, 16, 4), "keeps every patch"),
     (("pixelshuffle", 8, 8, 16, 4), "unknown projector"),
+    (("qformer", 8, 8, 16, 25), "more than"),
+    (("cabstractor", 8, 8, 16, 5), "perfect square"),
 ])
 def test_projector_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
@@ -119,6 +115,240 @@ def test_projector_refuses_features_of_another_shape():
     for x in (torch.randn(1, 25, 8), torch.randn(1, 16, 10)):
         with pytest.raises(ValueError, match=r"expects features \[B, N, d_v\] = \[B, 16, 8\]"):
             proj(x)
+
+
+def test_unknown_projector_option_is_refused():
+    with pytest.raises(ValueError, match="avgpool takes the options none, got \\['num_layers'\\]"):
+        build_projector("avgpool", 8, 12, 16, 4, num_layers=2)
+    with pytest.raises(ValueError, match="qformer takes the options .*hidden_size.*, got \\['depth'\\]"):
+        build_projector("qformer", 8, 12, 16, 4, depth=2)
+
+
+def linear_params(i, o):
+    return i * o + o
+
+
+def test_parameter_counts_at_paper_configuration():
+    """SPEC section 3's numbers, from the layouts written out here, against modules built on the meta device."""
+    d_v, d, N, M = 1024, 4096, 576, 144
+    mlp = linear_params(d_v, d) + linear_params(d, d)
+    q, f = 768, 3072  # qformer: 2 layers, cross-attention in layer 0 only (frequency 2)
+    self_attn = 4 * linear_params(q, q) + 2 * q
+    cross_attn = 2 * linear_params(q, q) + 2 * linear_params(d_v, q) + 2 * q
+    ffn = linear_params(q, f) + linear_params(f, q) + 2 * q
+    qformer = M * q + 2 * q + 2 * (self_attn + ffn) + cross_attn + linear_params(q, d)
+    block = 2 * d_v * d_v + 9 * d_v + 3 * 2 * d_v + linear_params(d_v, d_v // 4) + linear_params(d_v // 4, d_v)
+    cabstractor = N * d_v + 6 * block + linear_params(d_v, d) + linear_params(d, d)
+    deform = linear_params(d_v, 8 * 4 * 2) + linear_params(d_v, 8 * 4) + 2 * linear_params(d_v, d_v)
+    layer = 4 * linear_params(d_v, d_v) + deform + 2 * linear_params(d_v, d_v) + 3 * 2 * d_v
+    dabstractor = N * d_v + M * d_v + M * 2 + 2 * layer + linear_params(d_v, d)
+    assert (mlp, qformer, block, cabstractor, dabstractor) == (20_979_712, 20_194_816, 2_638_080, 37_398_016,
+                                                               21_938_656)
+    expected = dict(linear=mlp, avgpool=mlp, maxpool=mlp, qformer=qformer + 2 * d_v,  # + BLIP-2's ln_vision
+                    cabstractor=cabstractor, dabstractor=dabstractor)
+    with torch.device("meta"):
+        for name, count in expected.items():
+            proj = build_projector(name, d_v, d, N, N if name == "linear" else M)
+            assert sum(p.numel() for p in proj.parameters()) == count, name
+
+
+def tiny_blip2(frequency):
+    from transformers import Blip2Config, Blip2Model
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=16, patch_size=8, layer_norm_eps=1e-5),
+        qformer_config=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                            cross_attention_frequency=frequency, encoder_hidden_size=32),
+        text_config=dict(model_type="opt", hidden_size=48, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4,
+                         vocab_size=64, word_embed_proj_dim=48, max_position_embeddings=64), num_query_tokens=4)
+    torch.manual_seed(0)
+    blip2 = Blip2Model(config).eval()
+    with torch.no_grad():
+        for p in blip2.parameters():  # far from the 0.02 init, so that a wrong wiring shows
+            p.normal_(0.0, 0.5)
+    return blip2
+
+
+def blip2_reference(blip2, x):
+    """transformers: language_projection(Blip2QFormerModel(query_embeds=query_tokens, encoder_hidden_states=x))
+    with x the vision features after BLIP-2's ln_vision (transformers' post_layernorm)."""
+    with torch.no_grad():
+        hidden = blip2.qformer(query_embeds=blip2.query_tokens.expand(x.shape[0], -1, -1),
+                               encoder_hidden_states=blip2.vision_model.post_layernorm(x)).last_hidden_state
+        return blip2.language_projection(hidden)
+
+
+def qformer_like(frequency, M=4):
+    return build_projector("qformer", 32, 48, 16, M, hidden_size=24, num_heads=4, intermediate_size=40,
+                           num_layers=2, cross_attention_frequency=frequency)
+
+
+@pytest.mark.parametrize("frequency", [1, 2])
+def test_qformer_equals_transformers_blip2(frequency, tmp_path):
+    blip2 = tiny_blip2(frequency)
+    blip2.save_pretrained(tmp_path)
+    proj = qformer_like(frequency)
+    loaded, reinitialised = proj.load_blip2(M.read_blip2(str(tmp_path)))
+    assert reinitialised == [] and len(loaded) == len(list(proj.parameters()))
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), blip2_reference(blip2, x), rtol=1e-4, atol=1e-4)
+
+
+def test_qformer_loads_lavis_names_and_reinitialises_what_does_not_fit(tmp_path):
+    blip2 = tiny_blip2(2)
+    lavis = {}
+    for k, v in blip2.state_dict().items():  # LAVIS's names for the same tensors
+        k = k.replace("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm.").replace("qformer.", "Qformer.bert.")
+        k = k.replace("vision_model.post_layernorm.", "ln_vision.").replace("language_projection.", "opt_proj.")
+        lavis[k.replace("attention.attention.", "attention.self.")] = v
+    torch.save({"model": lavis}, tmp_path / "blip2_pretrain.pth")
+    proj = qformer_like(2)
+    proj.load_blip2(M.read_blip2(str(tmp_path / "blip2_pretrain.pth")))
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), blip2_reference(blip2, x), rtol=1e-4, atol=1e-4)
+    # 9 queries instead of BLIP-2's 4 and a 64-wide LLM: those two tensors (+ bias) start afresh, the rest loads
+    other = build_projector("qformer", 32, 64, 16, 9, hidden_size=24, num_heads=4, intermediate_size=40)
+    before = other.query_tokens.detach().clone()
+    loaded, reinitialised = other.load_blip2(M.read_blip2(str(tmp_path / "blip2_pretrain.pth")))
+    assert reinitialised == ["query_tokens", "language_projection.weight", "language_projection.bias"]
+    assert "encoder.layer.0.crossattention.attention.key.weight" in loaded and len(loaded) == 46
+    assert not torch.equal(other.query_tokens, before) and abs(other.query_tokens.std().item() - 0.02) < 0.01
+
+
+def regnet_block_by_hand(block, x):
+    """SPEC section 3's block, written with functional ops: 1x1 conv, LN over channels, SiLU; depthwise 3x3, LN,
+    SiLU; squeeze-excite; 1x1 conv, LN; + identity; SiLU."""
+    def ln(h, norm):
+        return F.layer_norm(h.permute(0, 2, 3, 1), h.shape[1:2], norm.weight, norm.bias, 1e-5).permute(0, 3, 1, 2)
+    c = x.shape[1]
+    h = F.silu(ln(F.conv2d(x, block.conv1.weight), block.norm1))
+    h = F.silu(ln(F.conv2d(h, block.conv2.weight, padding=1, groups=c), block.norm2))
+    s = h.mean((2, 3), keepdim=True)
+    s = torch.sigmoid(F.conv2d(F.silu(F.conv2d(s, block.se_reduce.weight, block.se_reduce.bias)),
+                               block.se_expand.weight, block.se_expand.bias))
+    return F.silu(x + ln(F.conv2d(h * s, block.conv3.weight), block.norm3))
+
+
+def test_cabstractor_by_hand():
+    torch.manual_seed(0)
+    proj = build_projector("cabstractor", 8, 12, 16, 4)
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(2, 16, 8)
+    h = (x + proj.pos_emb).transpose(1, 2).reshape(2, 8, 4, 4)  # row-major 4x4 grid, channels first
+    for block in proj.net[:3]:
+        h = regnet_block_by_hand(block, h)
+    h = torch.stack([h[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean((2, 3)) for i in range(2) for j in range(2)], 1)
+    h = h.transpose(1, 2).reshape(2, 8, 2, 2)
+    for block in proj.net[4:]:
+        h = regnet_block_by_hand(block, h)
+    h = h.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(proj(x), proj.readout[2](F.silu(proj.readout[0](h))))
+
+
+def deformable_by_grid_sample(value, locations, weights, side):
+    """Deformable DETR's sampling with F.grid_sample (its pure-PyTorch reference): value [B, N, heads, dh],
+    locations [B, M, heads, P, 2] in [0, 1], weights [B, M, heads, P] -> [B, M, heads * dh]."""
+    B, N, H, dh = value.shape
+    grid = 2 * locations - 1
+    v = value.permute(0, 2, 3, 1).reshape(B * H, dh, side, side)
+    sampled = F.grid_sample(v, grid.transpose(1, 2).flatten(0, 1), mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # [B*H, dh, M, P]
+    out = (sampled * weights.transpose(1, 2).flatten(0, 1)[:, None]).sum(-1)  # [B*H, dh, M]
+    return out.view(B, H * dh, -1).transpose(1, 2)
+
+
+def test_deformable_sampling_map_equals_grid_sample():
+    from projectors import sampling_map
+    torch.manual_seed(0)
+    B, Mq, H, P, side, dh = 2, 5, 3, 4, 6, 4
+    locations = torch.rand(B, Mq, H, P, 2) * 1.4 - 0.2  # some points fall off the map: zero padding
+    locations.requires_grad_(True)
+    weights = torch.rand(B, Mq, H, P).softmax(-1)
+    value = torch.randn(B, side * side, H, dh)
+    A = sampling_map(locations, weights, side)  # [B, H, M, N]
+    ours = (A @ value.transpose(1, 2)).transpose(1, 2).flatten(2)
+    reference = deformable_by_grid_sample(value, locations, weights, side)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    g_ours, = torch.autograd.grad(ours.square().sum(), locations)
+    g_ref, = torch.autograd.grad(reference.square().sum(), locations)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+    assert torch.all(A.sum(-1) <= 1 + 1e-6)  # a point's kernel weights sum to 1 on the map, less where it falls off
+
+
+def test_dabstractor_equals_transformers_deformable_detr_layers():
+    """The whole D-Abstractor by hand: features + pos-emb; query position = their 2x2 means; query content = the
+    learned embedding; transformers' DeformableDetrDecoderLayer with our weights for each layer; the readout."""
+    from transformers import DeformableDetrConfig
+    from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrDecoderLayer
+    torch.manual_seed(0)
+    proj = build_projector("dabstractor", 32, 48, 36, 9)
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.normal_(0.0, 0.3)
+        for layer in proj.layers:  # a few patches away, some off the map
+            layer.encoder_attn.sampling_offsets.bias.normal_(0.0, 2.0)
+        proj.reference_points.uniform_(0.0, 1.0)
+    config = DeformableDetrConfig(d_model=32, decoder_attention_heads=8, decoder_n_points=4, num_feature_levels=1,
+                                  decoder_ffn_dim=32, activation_function="relu", dropout=0.0, attention_dropout=0.0,
+                                  activation_dropout=0.0, use_timm_backbone=False, use_pretrained_backbone=False)
+    x = torch.randn(2, 36, 32)
+    with torch.no_grad():
+        features = x + proj.pos_emb
+        grid = features.view(2, 6, 6, 32)
+        pos = torch.stack([grid[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean((1, 2)) for i in range(3) for j in range(3)], 1)
+        h = proj.query_embed.weight.expand(2, -1, -1)
+        for layer in proj.layers:
+            theirs = DeformableDetrDecoderLayer(config).eval()
+            theirs.load_state_dict(layer.state_dict())
+            h = theirs(h, object_queries_position_embeddings=pos,
+                       reference_points=proj.reference_points.expand(2, -1, -1)[:, :, None],
+                       spatial_shapes=torch.tensor([[6, 6]]), spatial_shapes_list=[(6, 6)],
+                       level_start_index=torch.tensor([0]), encoder_hidden_states=features)
+        torch.testing.assert_close(proj(x), proj.readout(h), rtol=1e-4, atol=1e-4)
+
+
+def test_dabstractor_initialisation():
+    proj = build_projector("dabstractor", 1024, 64, 576, 144, num_layers=1)
+    ref = proj.reference_points[0]  # (x, y), row-major over the 12x12 queries
+    torch.testing.assert_close(ref[0], torch.tensor([0.5, 0.5]) / 24)
+    torch.testing.assert_close(ref[13], torch.tensor([0.5 + 23 / 11, 0.5 + 23 / 11]) / 24)
+    torch.testing.assert_close(ref[-1], torch.tensor([23.5, 23.5]) / 24)
+    attn = proj.layers[0].encoder_attn
+    offsets = attn.sampling_offsets.bias.view(8, 4, 2)  # head 0 looks right, head 2 down, point k at k patches
+    torch.testing.assert_close(offsets[0], torch.tensor([[1.0, 0], [2, 0], [3, 0], [4, 0]]))
+    torch.testing.assert_close(offsets[2, :, 1], torch.tensor([1.0, 2, 3, 4]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(offsets[1], torch.tensor([[1.0, 1], [2, 2], [3, 3], [4, 4]]))
+    assert attn.sampling_offsets.weight.abs().sum() == 0 and attn.attention_weights.weight.abs().sum() == 0
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("linear", []), ("avgpool", []), ("cabstractor", []),
+    ("qformer", [("layer0.self", 4), ("layer0.cross", 16), ("layer1.self", 4)]),
+    ("dabstractor", [("layer0.self", 4), ("layer0.deformable", 16), ("layer1.self", 4), ("layer1.deformable", 16)]),
+])
+def test_attention_recording(name, expected):
+    from projectors import record_attention
+    proj = build_projector(name, 32, 48, 16, 16 if name == "linear" else 4)
+    x = torch.randn(2, 16, 32)
+    with record_attention(proj) as attentions:
+        y = proj(x)
+    assert [(n, A.shape[-1]) for n, A in attentions] == expected
+    for n, A in attentions:
+        assert A.shape[:3] == (2, A.shape[1], 4) and A.min() >= 0
+        if n.endswith("deformable"):  # points off the map (zero padding) carry weight nowhere
+            assert torch.all(A.sum(-1) <= 1 + 1e-6)
+        else:
+            torch.testing.assert_close(A.sum(-1), torch.ones(A.shape[:3]))
+    if attentions:  # in the graph: the output depends on every recorded map
+        grads = torch.autograd.grad(y.sum(), [A for _, A in attentions])
+        assert all(g.abs().sum() > 0 for g in grads)
+    assert proj.attentions is None
+    proj(x)  # off again: nothing more is kept
+    assert len(attentions) == len(expected)
 
 
 # -----------------------------------------------------------------------------
@@ -831,3 +1061,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
     assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
     assert state["step"] == 2
+
+
+@pytest.mark.parametrize("projector", ["qformer", "cabstractor", "dabstractor"])
+def test_attention_projectors_train_and_reload(world, tmp_path, projector):
+    options = "hidden_size=24,num_heads=4,intermediate_size=40" if projector == "qformer" else "num_layers=1" \
+        if projector == "dabstractor" else "depth=1"
+    train.main(train_args(world, tmp_path, "--stage=pretrain", f"--projector={projector}",
+                          f"--projector_options={options}"))
+    losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model, _, _, cfg = M.load_model(str(tmp_path))  # rebuilt from the saved options, else the shapes differ
+    assert cfg["projector_options"] == options and model.projector_name == projector
+
+
+def test_qformer_init_from_a_blip2_checkpoint(world, tmp_path, capsys):
+    blip2 = tiny_blip2(2)  # 32-wide patch features, 4 queries, a 48-wide LLM: the world's tiny models
+    blip2.save_pretrained(tmp_path / "blip2")
+    train.main(train_args(world, tmp_path / "run", "--stage=pretrain", "--projector=qformer", "--pretrain_lr=0",
+                          "--projector_options=hidden_size=24,num_heads=4,intermediate_size=40",
+                          f"--qformer_init={tmp_path / 'blip2'}"))
+    assert "load_blip2: loaded 49 tensors" in capsys.readouterr().out
+    saved = M.load_file(str(tmp_path / "run" / "ckpt" / M.WEIGHTS))  # lr 0: BLIP-2's tensors, trained not at all
+    assert torch.equal(saved["projector.query_tokens"], blip2.query_tokens.detach())
+    assert torch.equal(saved["projector.encoder.layer.0.crossattention.attention.key.weight"],
+                       blip2.qformer.encoder.layer[0].crossattention.attention.key.weight.detach())
+    with pytest.raises(ValueError, match="--qformer_init is for --projector qformer, not avgpool"):
+        train.main(train_args(world, tmp_path / "bad", "--stage=pretrain", f"--qformer_init={tmp_path / 'blip2'}"))

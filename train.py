@@ -28,7 +28,8 @@ from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig
                           LlamaForCausalLM)
 
 from data import IGNORE_INDEX, LlavaDataset, build_shapes_world, collate
-from model import CONFIG, WEIGHTS, build_model, load_trainable, save_trainable
+from model import (CONFIG, WEIGHTS, build_model, load_trainable, parse_projector_options, read_blip2,
+                   save_trainable)
 
 # -----------------------------------------------------------------------------
 # config
@@ -37,8 +38,10 @@ from model import CONFIG, WEIGHTS, build_model, load_trainable, save_trainable
 @dataclass
 class TrainConfig:
     # model; empty names mean the tiny models of the shapes world
-    projector: str = "avgpool"  # linear | avgpool | maxpool
+    projector: str = "avgpool"  # linear | avgpool | maxpool | qformer | cabstractor | dabstractor
     num_tokens: int = 0  # M; 0 = the paper's compression (grid halved per side, 576 -> 144), N for linear
+    projector_options: str = ""  # build_projector's options, e.g. "num_layers=4,hidden_size=512" for qformer
+    qformer_init: str = ""  # BLIP-2 checkpoint (transformers folder, .safetensors or LAVIS .pth) to start qformer from
     vision_tower: str = ""
     llm: str = ""
     # data (LLaVA JSON); none named = the shapes world
@@ -79,6 +82,8 @@ class TrainConfig:
 SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretrain_lr=1e-3, finetune_batch_size=16,
                      finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=2, lora_r=128,
                      lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
+# the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
+SHAPES_PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
 # the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). One vision block: hidden_states[-2] is then
 # the (random, frozen) patch embedding. initializer_range 0.1, not 0.02: the frozen lm_head of a 128-wide model
 # initialised at 0.02 cannot move its logits by more than a few units, and stage 2 stalls on one answer per kind
@@ -297,8 +302,13 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     lora_r = 0 if stage == "pretrain" else cfg.lora_r
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer, processor = build_model(cfg.vision_tower, cfg.llm, cfg.projector, cfg.num_tokens, lora_r,
-                                              cfg.lora_alpha, cfg.lora_dropout, dtype=dtype)
+                                              cfg.lora_alpha, cfg.lora_dropout, dtype=dtype,
+                                              **parse_projector_options(cfg.projector_options))
     cfg.num_tokens = model.num_visual_tokens
+    if cfg.qformer_init and not (stage == "finetune" and cfg.pretrained_projector):
+        if cfg.projector != "qformer":
+            raise ValueError(f"--qformer_init is for --projector qformer, not {cfg.projector}")
+        model.projector.load_blip2(read_blip2(cfg.qformer_init), verbose=rank == 0)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage == "finetune" and cfg.pretrained_projector:
@@ -396,6 +406,8 @@ def main(argv):
         for k, v in SHAPES_RECIPE.items():
             if k not in given:
                 setattr(cfg, k, v)
+        if "projector_options" not in given:
+            cfg.projector_options = SHAPES_PROJECTOR_OPTIONS.get(cfg.projector, "")
         world_paths = prepare_shapes(cfg, rank)
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.projector)
     if rank == 0:
