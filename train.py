@@ -404,7 +404,7 @@ def main(argv):
     shapes = not cfg.data_path and not cfg.finetune_data_path
     if shapes:
         for k, v in SHAPES_RECIPE.items():
-            if k not in given:
+            if k not in given and not (k == "num_tokens" and cfg.projector == "linear"):  # linear keeps all N
                 setattr(cfg, k, v)
         if "projector_options" not in given:
             cfg.projector_options = SHAPES_PROJECTOR_OPTIONS.get(cfg.projector, "")
