@@ -4,8 +4,14 @@ Evaluation: the LLaVA-1.5 scorers (SPEC 6) and the shapes-world held-out evaluat
     python eval.py --ckpt out/avgpool                  # prints a table, writes out/avgpool/eval.json
     python eval.py --ckpt=out/avgpool --limit=50       # quick look: first 50 questions per task
     python eval.py --table out                         # one table of every out/<run>/eval.json
+    python eval.py --ckpt CKPT --bench pope --data_root playground/data/eval
+                                                       # a benchmark of the paper in LLaVA-1.5's layout: answers
+                                                       # (resumable) and scores in CKPT/pope/
 """
+import base64
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -28,13 +34,19 @@ from train import parse_args
 class EvalConfig:
     ckpt: str = "out/avgpool"
     eval_dir: str = ""        # default: <shapes_root>/eval of the checkpoint's training config
-    image_folder: str = ""    # default: <shapes_root>/images
+    image_folder: str = ""    # default: <shapes_root>/images; with --bench: the benchmark's image folder
     out: str = ""             # metrics JSON; default: <ckpt>/eval.json (answers go next to it)
+                              # with --bench: the folder of <bench>/answers.jsonl and scores.json; default: <ckpt>
     batch_size: int = 32
     max_new_tokens: int = 32
     limit: int = 0            # > 0: only the first `limit` questions of each task
     device: str = ""          # default: cuda if available, else cpu
     table: str = ""           # a folder of runs (out/): compare their eval.json in one markdown table, evaluate nothing
+    bench: str = ""           # a benchmark of the paper: pope vqav2 vizwiz textvqa gqa mme seed mmbench refcoco(+/g)
+    data_root: str = ""       # LLaVA-1.5's ./playground/data/eval, laid out as its docs/Evaluation.md says
+    question_file: str = ""   # another question file than the layout's (a val split, RefCOCO testA, ...)
+    box_space: str = "square" # RefCOCO answers normalised to the padded square or to the original image (SPEC 6)
+    circular: bool = False    # MMBench CircularEval: ask every circular shift of the options
 
 
 # -----------------------------------------------------------------------------
@@ -142,20 +154,29 @@ def box_iou(a, b):
 # generation
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=128):
-    """Greedy answers (one string per record, in the records' order) to "<image>\\n" + record["text"]."""
+def generate_answers(model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=128,
+                     on_answer=None):
+    """Greedy answers (one string per record, in the records' order) to "<image>\\n" + record["text"]. The image is
+    record["image"]: a path under image_folder, or the image file's bytes. on_answer(i, answer) sees each answer
+    as soon as its batch is done."""
     prompts = [data.prompt_ids(tokenizer, data.IMAGE_TOKEN + "\n" + r["text"]) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     answers = [None] * len(records)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         idx = order[start:start + batch_size]
-        images = [data.load_image(os.path.join(image_folder, records[i]["image"]), image_processor, "pad") for i in idx]
+        images = [data.load_image(image_source(records[i]["image"], image_folder), image_processor, "pad") for i in idx]
         pixel_values = torch.stack(images)  # [B, 3, H, W], left on the CPU: generate moves it
         new_ids = model.generate([prompts[i] for i in idx], pixel_values, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for i, ids in zip(idx, new_ids):
             answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if on_answer:
+                on_answer(i, answers[i])
     return answers
+
+
+def image_source(image, image_folder):
+    return io.BytesIO(image) if isinstance(image, bytes) else os.path.join(image_folder, image)
 
 # -----------------------------------------------------------------------------
 # the shapes-world evaluation (SPEC 8)
@@ -186,9 +207,27 @@ def score_shapes(task, records, answers):
     raise ValueError(f"score_shapes: unknown task {task!r}; expected one of {data.TASKS}")
 
 
-def read_jsonl(path):
+def read_jsonl(path, fields=()):
+    """One JSON object a line; a bad line, or one without a field in fields, fails naming the file, line and field."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not valid JSON ({e})") from None
+            for key in fields:
+                field(row, key, f"{path}: line {n}")
+            rows.append(row)
+    return rows
+
+
+def field(record, key, where):
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"{where}: field {key!r} is missing")
+    return record[key]
 
 
 def write_jsonl(path, rows):
@@ -231,7 +270,8 @@ def format_table(results):
 
 def compare_runs(root):
     """One markdown table: a row per run folder under root that holds eval.json, with its projector, visual tokens
-    M and trainable projector parameters (from the checkpoint), and each task's headline metric."""
+    M and trainable projector parameters (from the checkpoint), each task's headline metric, and R-GAE's relevance
+    inside the box where `rgae.py --inside_box` wrote rgae_box.json."""
     rows, tasks = [], []
     for run in sorted(os.listdir(root)):
         path = os.path.join(root, run)
@@ -242,14 +282,18 @@ def compare_runs(root):
         with open(os.path.join(path, "ckpt", "config.json")) as f:
             cfg = json.load(f)
         with safe_open(os.path.join(path, "ckpt", "model.safetensors"), "pt") as f:
-            params = sum(math.prod(f.get_slice(k).get_shape())
-                         for k in f.keys() if k.startswith("projector."))
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("projector."))
+        box = os.path.join(path, "rgae_box.json")
+        if os.path.isfile(box):
+            with open(box) as f:
+                b = json.load(f)
+            results["relevance in box"] = dict(n=b["n"], accuracy=b["share_in_box"])
         tasks += [t for t in results if t not in tasks]
         rows.append((run, cfg["projector"], cfg["num_tokens"], params, results))
     if not rows:
         raise SystemExit(f"{root}: no run folder with an eval.json")
-    lines = ["| run | projector | M | projector params | " + " | ".join(f"{t} ({HEADLINE.get(t, 'accuracy')})"
-                                                                  for t in tasks) + " |",
+    header = [f"{t} ({HEADLINE[t]})" if t in HEADLINE else t for t in tasks]
+    lines = ["| run | projector | M | projector params | " + " | ".join(header) + " |",
              "|" + " --- |" * (4 + len(tasks))]
     for run, projector, m, params, results in rows:
         cells = [f"{100 * results[t][HEADLINE.get(t, 'accuracy')]:.1f}" if t in results else "-" for t in tasks]
@@ -265,18 +309,548 @@ def shapes_paths(cfg, train_cfg):
     return cfg.eval_dir or os.path.join(root, "eval"), cfg.image_folder or os.path.join(root, "images")
 
 # -----------------------------------------------------------------------------
+# the paper's benchmarks, in LLaVA-1.5's layout (SPEC 6)
+#
+# data_root is LLaVA's ./playground/data/eval (docs/Evaluation.md of haotian-liu/LLaVA). LLaVA's question files
+# already end with the SPEC 6 suffixes, so the prompt builders add only what a question lacks. An answer belongs to
+# the question with its question id and prompt: TextVQA's ids are image ids and MME's repeat for the two questions
+# of an image, so the id alone does not single a question out.
 
-if __name__ == "__main__":
-    cfg, _ = parse_args(EvalConfig, sys.argv[1:])
+UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+POPE_SPLITS = ("adversarial", "popular", "random")
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+# the spatial subsets of the paper's Table 2
+MMBENCH_SPATIAL = ("spatial_relationship", "object_localization", "physical_relation")
+SEED_SPATIAL = {6: "spatial relation", 4: "instance location"}  # SEED-Bench question_type_id -> name
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def with_suffix(text, *parts):
+    """text ending in parts, whether or not it already ended in some or all of them."""
+    for p in reversed(parts):
+        text = text.removesuffix(p)
+    return text + "".join(parts)
+
+
+def short_answer(q):
+    return with_suffix(q["text"], data.SHORT_ANSWER)
+
+
+def vizwiz_prompt(q):
+    return with_suffix(q["text"], UNANSWERABLE, data.SHORT_ANSWER)
+
+
+def multiple_choice(q):  # LLaVA's SEED question file holds the "\nA. ..." options in the text
+    return with_suffix(q["text"], data.MC_SUFFIX)
+
+
+def grounding(q):
+    head = data.GROUNDING_PROMPT.format(ref="")
+    return q["text"] if q["text"].startswith(head) else data.GROUNDING_PROMPT.format(ref=q["text"])
+
+
+def answer_key(row):
+    return str(row["question_id"]), row["prompt"]
+
+
+def match(questions, answers):
+    """The answer text of each question, found by question id and prompt, never by position."""
+    texts = {answer_key(a): a["text"] for a in answers}
+    missing = [q for q in questions if answer_key(q) not in texts]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(questions)} questions have no answer, "
+                         f"e.g. question_id {missing[0]['question_id']!r}")
+    return [texts[answer_key(q)] for q in questions]
+
+
+def read_json(path):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+# ---- question files
+
+def llava_questions(path, prompt, fields=()):
+    questions = read_jsonl(path, ("question_id", "image", "text") + fields)
+    for q in questions:
+        q["prompt"] = prompt(q)
+    return questions
+
+
+def is_none(value):  # an empty MMBench cell, as LLaVA's model_vqa_mmbench reads it
+    return value is None or value.strip().lower() in ("", "nan", "none")
+
+
+def read_mmbench(path, circular):
+    """MMBench's TSV -> questions, prompted as LLaVA's model_vqa_mmbench does: hint, question, "A. ..." options,
+    the MC suffix; images decoded from base64 in memory. The TSV also holds MMBench's own circular copies of each
+    question (index + k * 1e6): skipped, since circular asks every circular shift of the options itself, and the
+    correct letter moves with its option."""
+    csv.field_size_limit(2**31 - 1)  # the base64 images are longer than csv's default limit
+    questions = []
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t")
+        for column in ("index", "question", "A", "B", "image"):
+            if column not in (rows.fieldnames or []):
+                raise ValueError(f"{path}: no column {column!r} (columns: {rows.fieldnames})")
+        for row in rows:
+            where = f"{path}: line {rows.line_num}"
+            for column in ("index", "question", "image"):
+                if is_none(row[column]):
+                    raise ValueError(f"{where}: field {column!r} is empty")
+            if not row["index"].strip().isdigit():
+                raise ValueError(f"{where}: field 'index' is not a number: {row['index']!r}")
+            index = int(row["index"])
+            if index >= 1_000_000:
+                continue
+            options = []
+            for letter in "ABCD":
+                if is_none(row.get(letter)):
+                    break
+                options.append(row[letter])
+            letters = "ABCD"[:len(options)]
+            answer = None if is_none(row.get("answer")) else row["answer"].strip()
+            if answer is not None and answer not in letters:
+                raise ValueError(f"{where}: field 'answer' is {answer!r}, not one of the options {letters}")
+            try:
+                image = base64.b64decode(row["image"], validate=True)
+            except ValueError as e:
+                raise ValueError(f"{where}: field 'image' is not base64 ({e})") from None
+            head = row["question"] if is_none(row.get("hint")) else row["hint"] + "\n" + row["question"]
+            for r in range(len(options) if circular else 1):
+                shifted = options[r:] + options[:r]
+                prompt = head + "".join(f"\n{l}. {o}" for l, o in zip(letters, shifted)) + data.MC_SUFFIX
+                truth = None if answer is None else letters[(letters.index(answer) - r) % len(letters)]
+                questions.append(dict(question_id=index, round=r, prompt=prompt, image=image, letters=letters,
+                                      answer=truth, category=row.get("category") or ""))
+    return questions
+
+# ---- annotation files
+
+def read_pope(folder):
+    """POPE's coco_pope_{split}.json (one JSON a line) -> {split: {(image, question): "yes" or "no"}}."""
+    labels = {}
+    for split in POPE_SPLITS:
+        rows = read_jsonl(os.path.join(folder, f"coco_pope_{split}.json"), ("image", "text", "label"))
+        labels[split] = {(r["image"], r["text"].strip()): r["label"] for r in rows}
+    return labels
+
+
+def read_vqav2(path):
+    """The official v2_mscoco_*_annotations.json -> {question_id: the ten human answers}."""
+    humans = {}
+    for i, a in enumerate(field(read_json(path), "annotations", path)):
+        where = f"{path}: annotation {i}"
+        humans[field(a, "question_id", where)] = [field(x, "answer", where) for x in field(a, "answers", where)]
+    return humans
+
+
+def read_vizwiz(path):
+    """VizWiz's val.json (a list, one question per image) -> {image: the ten human answers}."""
+    humans = {}
+    for i, a in enumerate(read_json(path)):
+        where = f"{path}: record {i}"
+        humans[field(a, "image", where)] = [field(x, "answer", where) for x in field(a, "answers", where)]
+    return humans
+
+
+def read_textvqa(path):
+    """TextVQA_0.5.1_val.json -> {(image id, lower-cased question): the ten human answers}."""
+    humans = {}
+    for i, a in enumerate(field(read_json(path), "data", path)):
+        where = f"{path}: record {i}"
+        humans[field(a, "image_id", where), field(a, "question", where).lower()] = field(a, "answers", where)
+    return humans
+
+
+def read_gqa(path):
+    """GQA's testdev_balanced_questions.json ({question id: {..., "answer"}}) -> {question id: answer}."""
+    return {str(qid): field(q, "answer", f"{path}: question {qid}") for qid, q in read_json(path).items()}
+
+
+def mme_question(text):
+    """A question as MME's files and LLaVA's llava_mme.jsonl both spell it: without the short-answer suffix and
+    MME's own "Please answer yes or no." (LLaVA drops the latter; MME's files sometimes have two spaces before it)."""
+    return " ".join(text.replace(data.SHORT_ANSWER.strip(), "").replace("Please answer yes or no.", "").split())
+
+
+def read_mme(folder):
+    """MME_Benchmark_release_version: a folder per subtask holding, per image, <image>.txt of "question<TAB>Yes|No"
+    lines (in questions_answers_YN/ where the images sit in images/) -> {(subtask, image, question): "yes"|"no"}."""
+    truth = {}
+    for subtask in sorted(os.listdir(folder)):
+        qa = os.path.join(folder, subtask, "questions_answers_YN")
+        qa = qa if os.path.isdir(qa) else os.path.join(folder, subtask)
+        if not os.path.isdir(qa):
+            continue
+        for name in sorted(n for n in os.listdir(qa) if n.endswith(".txt")):
+            path = os.path.join(qa, name)
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    parts = line.rstrip("\r\n").split("\t")
+                    if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
+                        raise ValueError(f"{path}: line {n}: expected 'question<TAB>Yes' or 'question<TAB>No'")
+                    truth[subtask, name[:-4], mme_question(parts[0])] = parts[1].strip().lower()
+    return truth
+
+
+def read_seed(path):
+    """SEED-Bench.json -> {question id: {answer, type_id, type, data_type}}."""
+    top = read_json(path)
+    names = {v: k for k, v in field(top, "question_type", path).items()}
+    truth = {}
+    for i, q in enumerate(field(top, "questions", path)):
+        where = f"{path}: question {i}"
+        type_id = field(q, "question_type_id", where)
+        truth[str(field(q, "question_id", where))] = dict(answer=field(q, "answer", where), type_id=type_id,
+                                                          type=names.get(type_id, str(type_id)),
+                                                          data_type=q.get("data_type", "image"))
+    return truth
+
+# ---- scorers: (questions, answers, annotations, cfg) -> metrics; no model needed
+
+def score_pope(questions, answers, labels, cfg=None):
+    """Per split (SPEC 6). LLaVA's question file numbers its questions its own way, so each question finds its
+    label in its split's POPE file by image and question, and its prediction by question id."""
+    preds = match(questions, answers)
+    scores = {}
+    for split in sorted({q["category"] for q in questions}):
+        if split not in labels:
+            raise ValueError(f"pope: questions of split {split!r}, which has no labels; splits: {POPE_SPLITS}")
+        p, l = {}, {}
+        for q, text in zip(questions, preds):
+            if q["category"] == split:
+                key = (q["image"], q["text"].removesuffix(data.SHORT_ANSWER).strip())
+                if key not in labels[split]:
+                    raise ValueError(f"pope: question {q['question_id']} {key} is not in coco_pope_{split}.json")
+                p[q["question_id"]], l[q["question_id"]] = text, labels[split][key]
+        scores[split] = dict(n=len(l), **pope_metrics(p, l))
+    splits = [scores[s] for s in POPE_SPLITS if s in scores]
+    return dict(scores, mean_f1=mean(s["f1"] for s in splits), mean_accuracy=mean(s["accuracy"] for s in splits))
+
+
+def vqa_scores(questions, preds, humans, key):
+    """VQA accuracy (SPEC 6) where the human answers of every question are known; of none: a test split, which
+    only its server scores."""
+    keys = [key(q) for q in questions]
+    known = [humans is not None and k in humans for k in keys]
+    if not any(known):
+        return dict(n=len(questions))
+    if not all(known):
+        raise ValueError(f"{known.count(False)} of {len(keys)} questions have no human answers in the annotation "
+                         f"file, e.g. {keys[known.index(False)]!r}")
+    return dict(n=len(keys), accuracy=mean(vqa_accuracy(p, humans[k]) for p, k in zip(preds, keys)))
+
+
+def score_vqav2(questions, answers, humans, cfg=None):
+    return vqa_scores(questions, match(questions, answers), humans, lambda q: q["question_id"])
+
+
+def score_vizwiz(questions, answers, humans, cfg=None):
+    return vqa_scores(questions, match(questions, answers), humans, lambda q: q["image"])
+
+
+def score_textvqa(questions, answers, humans, cfg=None):
+    # LLaVA's eval_textvqa: a question is its image and its first line, the question before the OCR tokens
+    key = lambda q: (os.path.splitext(os.path.basename(q["image"]))[0], q["text"].split("\n")[0].lower())
+    return vqa_scores(questions, match(questions, answers), humans, key)
+
+
+def truth_of(q, truth, where):
+    t = truth.get(str(q["question_id"]))
+    if t is None:
+        raise ValueError(f"{where}: question {q['question_id']!r} is not in the annotation file")
+    return t
+
+
+def score_gqa(questions, answers, truth, cfg=None):
+    """Strip the trailing period, lower-case, exact match (SPEC 6)."""
+    right = [p.strip().rstrip(".").lower() == truth_of(q, truth, "gqa").lower()
+             for q, p in zip(questions, match(questions, answers))]
+    return dict(n=len(right), accuracy=mean(right))
+
+
+def parse_mme(text):
+    """yes, no or other from the first four characters of the answer (MME's calculation.py)."""
+    head = text.strip().lower()[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def score_mme(questions, answers, truth, cfg=None):
+    """Per subtask, in MME's points (SPEC 6): accuracy over questions, accuracy+ over images (both of its questions
+    right), score = accuracy + accuracy+ (0-200); perception and cognition sum the scores of their subtasks.
+    LLaVA's question ids are "<subtask>/.../<image file>", one per image."""
+    right = {}  # subtask -> image -> [right, ...]
+    for q, p in zip(questions, match(questions, answers)):
+        parts = str(q["question_id"]).split("/")
+        key = (parts[0], os.path.splitext(parts[-1])[0], mme_question(q["text"]))
+        if key not in truth:
+            raise ValueError(f"mme: question {q['question_id']!r} {key[2]!r} is not in MME's answer files")
+        right.setdefault(key[0], {}).setdefault(key[1], []).append(parse_mme(p) == truth[key])
+    scores = {}
+    for subtask, images in right.items():
+        acc = mean(r for rs in images.values() for r in rs)
+        acc_plus = mean(all(rs) for rs in images.values())
+        scores[subtask] = dict(n=sum(map(len, images.values())), accuracy=100 * acc, accuracy_plus=100 * acc_plus,
+                               score=100 * (acc + acc_plus))
+    total = lambda names: sum(scores[s]["score"] for s in names if s in scores)
+    return dict(scores, perception=total(MME_PERCEPTION), cognition=total(MME_COGNITION),
+                spatial={"position": scores["position"]["score"]} if "position" in scores else {})
+
+
+def score_seed(questions, answers, truth, cfg=None):
+    """Letter exact match, and a lenient first-letter parse (SPEC 6); per data type and question type."""
+    rows = []
+    for q, p in zip(questions, match(questions, answers)):
+        t = truth_of(q, truth, "seed: SEED-Bench.json")
+        rows.append((t, parse_letter(p) == t["answer"], parse_letter(p, strict=False) == t["answer"]))
+    scores = dict(n=len(rows), accuracy=mean(r for _, r, _ in rows), accuracy_lenient=mean(r for _, _, r in rows))
+    for data_type in sorted({t["data_type"] for t, _, _ in rows}):
+        scores[f"accuracy_{data_type}"] = mean(r for t, r, _ in rows if t["data_type"] == data_type)
+    scores["types"] = {name: mean(r for t, r, _ in rows if t["type"] == name)
+                       for name in sorted({t["type"] for t, _, _ in rows})}
+    scores["spatial"] = {name: mean(r for t, r, _ in rows if t["type_id"] == i)
+                         for i, name in SEED_SPATIAL.items() if any(t["type_id"] == i for t, _, _ in rows)}
+    return scores
+
+
+def score_mmbench(questions, answers, ann=None, cfg=None):
+    """Letter exact match, and a lenient first-letter parse, on each question as first asked (SPEC 6). With
+    CircularEval's rounds, a question counts only if every circular shift of its options was answered right."""
+    if any(q["answer"] is None for q in questions):
+        return dict(n=len({q["question_id"] for q in questions}))  # a test split: no answers, only the server scores
+    first, rounds = {}, {}
+    for q, p in zip(questions, match(questions, answers)):
+        strict = parse_letter(p, q["letters"]) == q["answer"]
+        rounds.setdefault(q["question_id"], []).append(strict)
+        if q["round"] == 0:
+            lenient = parse_letter(p, q["letters"], strict=False) == q["answer"]
+            first[q["question_id"]] = (strict, lenient, q["category"])
+    circular = any(q["round"] > 0 for q in questions)
+    right = {i: all(rs) for i, rs in rounds.items()} if circular else {i: f[0] for i, f in first.items()}
+    scores = dict(n=len(first), accuracy=mean(f[0] for f in first.values()),
+                  accuracy_lenient=mean(f[1] for f in first.values()))
+    if circular:
+        scores["accuracy_circular"] = mean(right.values())
+    scores["spatial"] = {c: mean(right[i] for i, f in first.items() if f[2] == c)
+                         for c in MMBENCH_SPATIAL if any(f[2] == c for f in first.values())}
+    return scores
+
+
+def to_pixels(box, width, height, box_space):
+    """A normalised [x1, y1, x2, y2] in pixels of the original image (SPEC 6). square: normalised to the image
+    padded to a centred square of side S = max(W, H), so x = x' * S - (S - W) / 2; orig: x = x' * W."""
+    if box_space == "orig":
+        return [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+    s = max(width, height)
+    dx, dy = (s - width) / 2, (s - height) / 2
+    return [box[0] * s - dx, box[1] * s - dy, box[2] * s - dx, box[3] * s - dy]
+
+
+def score_refcoco(questions, answers, ann=None, cfg=None):
+    """Acc@IoU>=0.5 of the first [a, b, c, d] in each answer against the box in pixels; no box is wrong (SPEC 6)."""
+    box_space = cfg.box_space if cfg else "square"
+    boxes = [parse_box(p) for p in match(questions, answers)]
+    hits = [b is not None and box_iou(to_pixels(b, q["width"], q["height"], box_space), q["bbox"]) >= 0.5
+            for q, b in zip(questions, boxes)]
+    return dict(n=len(hits), acc_iou50=mean(hits), unparseable=mean(b is None for b in boxes), box_space=box_space)
+
+# ---- the files a test server wants (LLaVA's scripts/convert_*_for_submission.py)
+
+def submit_vqav2(questions, answers, data_root):
+    """EvalAI's format: [{question_id, answer}] over every test2015 question where LLaVA's
+    llava_vqav2_mscoco_test2015.jsonl is at hand (the server wants them all; the ones not asked get "")."""
+    given = {q["question_id"]: normalize_answer(p) for q, p in zip(questions, match(questions, answers))}
+    full = os.path.join(data_root, "vqav2", "llava_vqav2_mscoco_test2015.jsonl")
+    ids = [r["question_id"] for r in read_jsonl(full, ("question_id",))] if os.path.isfile(full) else list(given)
+    return [dict(question_id=i, answer=given.get(i, "")) for i in ids]
+
+
+def submit_vizwiz(questions, answers, data_root):
+    return [dict(image=q["image"], answer=normalize_answer(p)) for q, p in zip(questions, match(questions, answers))]
+
+
+# Paths are relative to data_root. annotations: read by `read`; optional where a `submit`ted test split goes to a
+# server. mmbench keeps its answers in the question file, RefCOCO its boxes ([x1, y1, x2, y2] in pixels of the
+# original image, with its width and height) in the question records.
+BENCHMARKS = {
+    "pope": dict(questions="pope/llava_pope_test.jsonl", images="pope/val2014", fields=("category",),
+                 annotations="pope/coco", read=read_pope, prompt=short_answer, score=score_pope,
+                 source="llava_pope_test.jsonl from LLaVA's eval.zip; coco/ from POPE's output/coco (commit "
+                        "e3e39262); val2014/ from COCO"),
+    "vqav2": dict(questions="vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", images="vqav2/test2015",
+                  annotations="vqav2/v2_mscoco_val2014_annotations.json", read=read_vqav2, prompt=short_answer,
+                  score=score_vqav2, submit=submit_vqav2,
+                  source="question files from LLaVA's eval.zip; test2015/ from COCO; the annotations (optional, "
+                         "for a val question file) from visualqa.org"),
+    "vizwiz": dict(questions="vizwiz/llava_test.jsonl", images="vizwiz/test", annotations="vizwiz/val.json",
+                   read=read_vizwiz, prompt=vizwiz_prompt, score=score_vizwiz, submit=submit_vizwiz,
+                   source="llava_test.jsonl from LLaVA's eval.zip; test/ and val.json (optional, for a val question "
+                          "file) from vizwiz.org"),
+    "textvqa": dict(questions="textvqa/llava_textvqa_val_v051_ocr.jsonl", images="textvqa/train_images",
+                    annotations="textvqa/TextVQA_0.5.1_val.json", read=read_textvqa, prompt=short_answer,
+                    score=score_textvqa,
+                    source="the question file from LLaVA's eval.zip; TextVQA_0.5.1_val.json and train_images/ "
+                           "from textvqa.org"),
+    "gqa": dict(questions="gqa/llava_gqa_testdev_balanced.jsonl", images="gqa/data/images",
+                annotations="gqa/data/testdev_balanced_questions.json", read=read_gqa, prompt=short_answer,
+                score=score_gqa, source="the question file from LLaVA's eval.zip; data/ from GQA's download page"),
+    "mme": dict(questions="MME/llava_mme.jsonl", images="MME/MME_Benchmark_release_version",
+                annotations="MME/MME_Benchmark_release_version", read=read_mme, prompt=short_answer,
+                score=score_mme, source="llava_mme.jsonl from LLaVA's eval.zip; MME_Benchmark_release_version/ "
+                                        "from MME's authors"),
+    "seed": dict(questions="seed_bench/llava-seed-bench.jsonl", images="seed_bench",
+                 annotations="seed_bench/SEED-Bench.json", read=read_seed, prompt=multiple_choice, score=score_seed,
+                 source="llava-seed-bench.jsonl from LLaVA's eval.zip; SEED-Bench.json, SEED-Bench-image/ and "
+                        "SEED-Bench-video-image/ (middle frames) from SEED-Bench"),
+    "mmbench": dict(questions="mmbench/mmbench_dev_20230712.tsv", images=None, score=score_mmbench,
+                    source="mmbench_dev_20230712.tsv from download.openmmlab.com"),
+    "refcoco": dict(questions="refcoco/llava_refcoco_val.jsonl", images="refcoco/train2014",
+                    fields=("bbox", "width", "height"), prompt=grounding, score=score_refcoco,
+                    source="one {question_id, image, text: the expression, bbox, width, height} a line, made from "
+                           "the RefCOCO annotations; train2014/ from COCO"),
+}
+BENCHMARKS["refcoco+"] = dict(BENCHMARKS["refcoco"], questions="refcoco/llava_refcoco+_val.jsonl")
+BENCHMARKS["refcocog"] = dict(BENCHMARKS["refcoco"], questions="refcoco/llava_refcocog_val.jsonl")
+
+# ---- the driver
+
+def check_boxes(questions, path):
+    for q in questions:
+        where = f"{path}: question {q['question_id']!r}"
+        b, w, h = q["bbox"], q["width"], q["height"]
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b)):
+            raise ValueError(f"{where}: field 'bbox' must be [x1, y1, x2, y2] in pixels, got {b!r}")
+        if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
+            raise ValueError(f"{where}: fields 'width' and 'height' must be positive numbers, got {w!r}, {h!r}")
+
+
+def load_benchmark(cfg):
+    """cfg.bench's questions, each with its prompt, its annotations and its image folder. A missing file fails here,
+    before any model loads."""
+    if cfg.bench not in BENCHMARKS:
+        raise SystemExit(f"unknown --bench {cfg.bench!r}; choose one of {' '.join(BENCHMARKS)}")
+    if not cfg.data_root:
+        raise SystemExit("--bench needs --data_root: the folder LLaVA-1.5 calls ./playground/data/eval")
+    if cfg.box_space not in ("square", "orig"):
+        raise SystemExit(f"--box_space is square or orig, not {cfg.box_space!r}")
+    name, spec = cfg.bench, BENCHMARKS[cfg.bench]
+    at = lambda rel: os.path.join(cfg.data_root, rel)
+    layout = f"{name} in LLaVA-1.5's layout under {cfg.data_root}: {spec['source']}"
+    path = cfg.question_file or at(spec["questions"])
+    try:
+        if path.endswith(".tsv"):
+            questions = read_mmbench(path, cfg.circular)
+        else:
+            questions = llava_questions(path, spec["prompt"], spec.get("fields", ()))
+        ann = None
+        if "annotations" in spec and (os.path.exists(at(spec["annotations"])) or "submit" not in spec):
+            ann = spec["read"](at(spec["annotations"]))
+    except FileNotFoundError as e:
+        raise SystemExit(f"{name}: missing {e.filename} (expected as {layout})") from None
+    if "bbox" in spec.get("fields", ()):
+        check_boxes(questions, path)
+    questions = questions[:cfg.limit] if cfg.limit > 0 else questions
+    folder = cfg.image_folder or (at(spec["images"]) if spec["images"] else "")
+    files = sorted({q["image"] for q in questions if isinstance(q["image"], str)})
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise SystemExit(f"{name}: {len(missing)} of {len(files)} images missing, e.g. "
+                         f"{os.path.join(folder, missing[0])} (expected as {layout})")
+    return dict(name=name, questions=questions, ann=ann, image_folder=folder)
+
+
+def read_answers(path):
+    """The answers written so far. A last line cut short (the run was killed mid-write) is cut from the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        keep = text.rfind("\n") + 1
+        print(f"{path}: dropping a last line cut short: {text[keep:][:80]!r}")
+        with open(path, "w") as f:
+            f.write(text[:keep])
+    return read_jsonl(path, ("question_id", "prompt", "text"))
+
+
+def run_benchmark(model, tokenizer, image_processor, bench, cfg):
+    """Answers every question not answered yet in <out>/<bench>/answers.jsonl, appending each as it comes, then
+    scores them all into <out>/<bench>/scores.json (and answers_upload.json for a test server)."""
+    name, questions, spec = bench["name"], bench["questions"], BENCHMARKS[bench["name"]]
+    out = os.path.join(cfg.out or cfg.ckpt, name)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "answers.jsonl")
+    done = {answer_key(a) for a in read_answers(path)}
+    todo = [q for q in questions if answer_key(q) not in done]
+    print(f"{name}: {len(questions)} questions, {len(questions) - len(todo)} answered before, {len(todo)} to go")
+    if todo:
+        model.eval()
+        with open(path, "a") as f:
+            def write(i, text):
+                q = todo[i]
+                f.write(json.dumps(dict(question_id=q["question_id"], prompt=q["prompt"], text=text)) + "\n")
+                f.flush()
+            records = [dict(text=q["prompt"], image=q["image"]) for q in todo]
+            generate_answers(model, tokenizer, image_processor, records, bench["image_folder"], cfg.batch_size,
+                             cfg.max_new_tokens, on_answer=write)
+    answers = read_answers(path)
+    scores = spec["score"](questions, answers, bench["ann"], cfg)
+    if "submit" in spec:
+        with open(os.path.join(out, "answers_upload.json"), "w") as f:
+            json.dump(spec["submit"](questions, answers, cfg.data_root), f)
+        print(f"wrote {os.path.join(out, 'answers_upload.json')}: submit it to the {name} server")
+    with open(os.path.join(out, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    return scores
+
+
+def flatten(scores, prefix=""):
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def format_scores(name, scores):
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in flatten(scores)]
+    width = max([len(name)] + [len(k) for k, _ in rows])
+    return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in [(name, "value")] + rows)
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg, _ = parse_args(EvalConfig, argv)
     if cfg.table:
         print(compare_runs(cfg.table))
-        sys.exit()
+        return
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    bench = load_benchmark(cfg) if cfg.bench else None
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, image_processor, train_cfg = load_model(cfg.ckpt, device=device)
+    if bench:
+        scores = run_benchmark(model, tokenizer, image_processor, bench, cfg)
+        print(format_scores(bench["name"], scores))
+        print(f"wrote {os.path.join(cfg.out or cfg.ckpt, bench['name'], 'scores.json')}")
+        return
     eval_dir, image_folder = shapes_paths(cfg, train_cfg)
     out_path = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     results = evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, out_path, cfg.batch_size,
                               cfg.max_new_tokens, cfg.limit)
     print(format_table(results))
     print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

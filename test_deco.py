@@ -1088,3 +1088,502 @@ def test_qformer_init_from_a_blip2_checkpoint(world, tmp_path, capsys):
                        blip2.qformer.encoder.layer[0].crossattention.attention.key.weight.detach())
     with pytest.raises(ValueError, match="--qformer_init is for --projector qformer, not avgpool"):
         train.main(train_args(world, tmp_path / "bad", "--stage=pretrain", f"--qformer_init={tmp_path / 'blip2'}"))
+
+# -----------------------------------------------------------------------------
+# R-GAE (SPEC section 7)
+
+
+def test_text_to_query_row_is_a_row_of_the_full_product():
+    import rgae
+    torch.manual_seed(0)
+    S, p = 7, 5
+    A_bars = [torch.rand(S, S).tril() / S for _ in range(3)]  # first layer first
+    R = torch.eye(S)
+    for A_bar in A_bars:  # Eq. 3 as written: R <- R + A_bar R, layer by layer
+        R = R + A_bar @ R
+    torch.testing.assert_close(rgae.text_to_query_row(A_bars, p), R[p])
+
+
+@pytest.mark.parametrize("N,M", [(36, 9), (36, 16), (16, 4)])
+def test_avgpool_query_to_patch_is_the_pooling_jacobian(N, M):
+    import rgae
+    n, m = int(N ** 0.5), int(M ** 0.5)
+    pool = lambda v: F.adaptive_avg_pool2d(v.view(1, 1, n, n), m).flatten()
+    jacobian = torch.autograd.functional.jacobian(pool, torch.randn(N))  # [M, N]
+    torch.testing.assert_close(rgae.pooling_map(N, M), jacobian)
+
+
+
+def test_maxpool_query_to_patch_counts_channel_maxima():
+    import rgae
+    torch.manual_seed(0)
+    x = torch.randn(36, 5)  # a 6x6 grid, 5 channels, pooled to 3x3: 2x2 windows
+    R = rgae.maxpool_map(x, 9)
+    for j in range(9):
+        r, c = divmod(j, 3)
+        window = [(2 * r + dr) * 6 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)]
+        shares = torch.zeros(36)
+        for channel in range(5):  # each channel's maximum in the window gives its patch 1/5
+            shares[window[int(x[window, channel].argmax())]] += 1 / 5
+        torch.testing.assert_close(R[j], shares)
+
+def test_qformer_gae_rules_by_hand():
+    """2 queries, 3 patches; layer 0 self- then cross-attention, layer 1 self-attention only."""
+    import rgae
+    self0 = torch.tensor([[0.5, 0.1], [0.2, 0.3]])
+    cross0 = torch.tensor([[0.4, 0.0, 0.2], [0.1, 0.3, 0.0]])
+    self1 = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
+    # layer 0 self: R_qq = I + self0 = [[1.5, .1], [.2, 1.3]], R_qi stays 0
+    # normalise(R_qq): R_qq - I has row sums .6 and .5 -> [[5/6, 1/6], [.4, .6]] + I = [[11/6, 1/6], [.4, 1.6]]
+    # cross: R_qi = normalise(R_qq)^T cross0 = [[11/6 * .4 + .4 * .1, .4 * .3, 11/6 * .2], [1/6 * .4 + 1.6 * .1, 1.6 * .3, 1/6 * .2]]
+    # layer 1 self: R_qi += self1 R_qi, i.e. rows times 1.1 and 1.2
+    expected = torch.tensor([[1.1 * (11 / 6 * 0.4 + 0.04), 1.1 * 0.12, 1.1 * 11 / 6 * 0.2],
+                             [1.2 * (0.4 / 6 + 0.16), 1.2 * 0.48, 1.2 * 0.2 / 6]])
+    got = rgae.decoder_relevance([("self", self0), ("cross", cross0), ("self", self1)], 3)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(rgae.normalise(torch.eye(3)), torch.eye(3))  # no 0/0
+    # no self-attention before the cross-attention: R_qq = I, so R_qi = cross0 itself
+    torch.testing.assert_close(rgae.decoder_relevance([("cross", cross0)], 3), cross0)
+
+
+def rgae_sample(parts, projector, M, **options):
+    import rgae
+    torch.manual_seed(0)
+    model, tok, proc = M_build(parts, projector, M, **options)
+    prompt = [tok.bos_token_id, IMG] + tok("what colour is the circle ?", add_special_tokens=False)["input_ids"]
+    answer = tok("a red circle", add_special_tokens=False)["input_ids"]
+    pixels = torch.randn(3, 32, 32)
+    return model, prompt, answer, pixels, rgae.relevance(model, pixels, prompt, answer, per_token=True)
+
+
+def M_build(parts, projector, num_tokens, **options):
+    return M.build_model(*parts, projector, num_tokens, attn_implementation="eager", **options)
+
+
+def test_rgae_targets_the_predicting_position(parts):
+    """Text-to-Query of token t, recomputed here with the full (I + A_bar) product over the LLM's attention maps,
+    from the gradient of the logit of y_t at the position BEFORE y_t; y_t's own position gives another answer."""
+    model, prompt, answer, pixels, maps = rgae_sample(parts, "avgpool", 4)
+    ids = torch.tensor([prompt + answer])
+    embeds, mask, _, positions = model.splice(ids, torch.ones_like(ids), None, pixels[None])
+    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_attentions=True)
+    p, Mv = prompt.index(IMG), 4
+    rows = {}
+    for t, y in enumerate(answer):
+        y_pos = len(prompt) - 1 + Mv + t
+        for name, pos in (("predicting", y_pos - 1), ("own", y_pos)):
+            grads = torch.autograd.grad(out.logits[0, pos, y], out.attentions, retain_graph=True)
+            R = torch.eye(embeds.shape[1])
+            for g, A in zip(grads, out.attentions):
+                R = R + (g * A).clamp(min=0).mean(1)[0] @ R
+            rows.setdefault(name, []).append(R[pos, p:p + Mv])
+    torch.testing.assert_close(maps["text_to_query_t"], torch.stack(rows["predicting"]))
+    assert not torch.allclose(maps["text_to_query_t"], torch.stack(rows["own"]))
+
+
+@pytest.mark.parametrize("projector,M,options", [
+    ("linear", 16, {}), ("avgpool", 4, {}), ("maxpool", 4, {}), ("cabstractor", 4, dict(depth=1)),
+    ("qformer", 4, dict(hidden_size=16, num_heads=2, intermediate_size=32)), ("dabstractor", 4, dict(num_layers=1))])
+def test_rgae_maps_for_every_projector(parts, projector, M, options):
+    model, prompt, answer, pixels, maps = rgae_sample(parts, projector, M, **options)
+    L, N = len(answer), 16
+    assert maps["text_to_query_t"].shape == (L, M) and maps["query_to_patch_t"].shape == (L, M, N)
+    for k in ("text_to_query", "query_to_patch", "text_to_patch"):  # Eq. 5: the mean over t of the per-t maps
+        torch.testing.assert_close(maps[k], maps[k + "_t"].mean(0))
+        assert torch.isfinite(maps[k]).all() and (maps[k] >= 0).all()
+    products = torch.einsum("lm,lmn->ln", maps["text_to_query_t"], maps["query_to_patch_t"])  # Eq. 4 per t
+    torch.testing.assert_close(maps["text_to_patch_t"], products)
+    assert maps["text_to_query"].sum() > 0
+    import rgae
+    batched = rgae.relevance(model, pixels, prompt, answer, per_token=True, targets_per_backward=2)
+    for k in maps:  # two targets per backward pass, then one: the same maps as one autograd.grad call per target
+        torch.testing.assert_close(batched[k], maps[k], rtol=1e-5, atol=1e-6)
+    if projector == "linear":
+        torch.testing.assert_close(maps["query_to_patch"], torch.eye(N))
+    if projector == "maxpool":  # each visual token's channels take their maxima from its own 2x2 window
+        torch.testing.assert_close(maps["query_to_patch"].sum(-1), torch.ones(M))
+        assert set(maps["query_to_patch"][0].nonzero().flatten().tolist()) <= {0, 1, 4, 5}
+
+
+def test_cabstractor_gradient_times_input_against_the_jacobian():
+    import rgae
+    torch.manual_seed(0)
+    proj = build_projector("cabstractor", 8, 12, 16, 4, depth=1)
+    x = torch.randn(1, 16, 8, requires_grad=True)
+    grad_visual = torch.randn(1, 4, 12)
+    got = rgae.gradient_times_input(x, proj(x), grad_visual)
+    J = torch.autograd.functional.jacobian(proj, x)[0, :, :, 0]  # [M, d_llm, N, C]
+    through_j = torch.einsum("md,mdnc->mnc", grad_visual[0], J)  # dz/dx along visual token j alone
+    R = (through_j * x[0].detach()).sum(-1).clamp(min=0)
+    torch.testing.assert_close(got, R / R.sum(-1, keepdim=True))
+
+def test_patches_in_box_by_hand():
+    import rgae
+    # a 4x4 grid: patch centres at 0.125, 0.375, 0.625, 0.875 on each axis
+    assert rgae.patches_in_box([0.0, 0.0, 0.5, 0.5], 4).nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert rgae.patches_in_box([0.3, 0.3, 0.7, 0.7], 4).nonzero().flatten().tolist() == [5, 6, 9, 10]
+    assert rgae.patches_in_box([0.6, 0.0, 1.0, 0.3], 4).nonzero().flatten().tolist() == [2, 3]
+
+
+def test_rgae_command_writes_figure_and_maps(world, tmp_path):
+    import rgae
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1"))
+    image = os.path.join(world["image_folder"], "eval_00000.png")
+    rgae.main([f"--ckpt={tmp_path}", f"--image={image}", "--text=a red circle", "--raw_attention",
+               f"--out={tmp_path / 'fig.png'}"])
+    maps = __import__("numpy").load(tmp_path / "fig.npz")
+    assert maps["text_to_patch"].shape == (16,) and maps["query_to_patch_t"].shape[1:] == (4, 16)
+    assert maps["raw_attention"].shape == (16,)
+    assert Image.open(tmp_path / "fig.png").size[0] > 6 * 160
+
+# =============================================================================
+# benchmarks (SPEC section 6)
+#
+# Each test writes a few records in LLaVA-1.5's eval layout under tmp_path, gives hand-written answers (in reverse
+# order, so that only ids and prompts can pair them with their questions) and checks scores worked out by hand.
+
+S = data.SHORT_ANSWER
+
+
+def bench_put(path, rows=None, text=None):
+    """Write JSON lines (rows), JSON (text: an object) or nothing (an image file that only has to exist)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rows is not None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(text) if text is not None else "")
+
+
+def bench_load(root, name, **options):
+    cfg = ev.EvalConfig(bench=name, data_root=str(root), **options)
+    return ev.load_benchmark(cfg), cfg
+
+
+def bench_score(bench, cfg, answer):
+    """answer: question -> answer text."""
+    rows = [dict(question_id=q["question_id"], prompt=q["prompt"], text=answer(q)) for q in bench["questions"]]
+    return ev.BENCHMARKS[bench["name"]]["score"](bench["questions"], rows[::-1], bench["ann"], cfg)
+
+
+POPE_QUESTIONS = [  # LLaVA's own ids; POPE's files number the same questions 1, 2, ... per split, in another order
+    dict(question_id=101, image="a.jpg", text="Is there a dog in the image?" + S, category="adversarial"),
+    dict(question_id=102, image="a.jpg", text="Is there a cat in the image?" + S, category="adversarial"),
+    dict(question_id=103, image="b.jpg", text="Is there a dog in the image?" + S, category="adversarial"),
+    dict(question_id=104, image="b.jpg", text="Is there a car in the image?" + S, category="adversarial"),
+    dict(question_id=201, image="a.jpg", text="Is there a dog in the image?" + S, category="random"),
+    dict(question_id=202, image="a.jpg", text="Is there a bus in the image?" + S, category="random"),
+]
+# one answer per question text, as FakeModel gives them (it sees no image)
+POPE_ANSWERS = {101: "Yes, there is a dog.", 102: "No.", 103: "Yes, there is a dog.", 104: "There is no car.",
+                201: "Yes, there is a dog.", 202: "No"}
+
+
+def bench_pope_layout(root):
+    bench_put(root / "pope" / "llava_pope_test.jsonl", POPE_QUESTIONS)
+    label = lambda i, image, thing, yes: dict(question_id=i, image=image, text=f"Is there a {thing} in the image?",
+                                              label="yes" if yes else "no")
+    bench_put(root / "pope" / "coco" / "coco_pope_adversarial.json",
+              [label(1, "b.jpg", "car", 0), label(2, "a.jpg", "dog", 1), label(3, "b.jpg", "dog", 0),
+               label(4, "a.jpg", "cat", 1)])
+    bench_put(root / "pope" / "coco" / "coco_pope_popular.json", [])
+    bench_put(root / "pope" / "coco" / "coco_pope_random.json",
+              [label(1, "a.jpg", "bus", 0), label(2, "a.jpg", "dog", 1)])
+    for image in ("a.jpg", "b.jpg"):
+        bench_put(root / "pope" / "val2014" / image)
+
+
+def test_bench_pope(tmp_path):
+    bench_pope_layout(tmp_path)
+    b, cfg = bench_load(tmp_path, "pope")
+    assert b["questions"][0]["prompt"] == "Is there a dog in the image?" + S  # the suffix is not added twice
+    m = bench_score(b, cfg, lambda q: POPE_ANSWERS[q["question_id"]])
+    # adversarial: 101 yes/label yes TP, 102 no/yes FN, 103 yes/no FP, 104 "no car"/no TN
+    #   accuracy (1 + 1) / 4 = 0.5, precision 1 / (1 + 1) = 0.5, recall 1 / (1 + 1) = 0.5, f1 0.5, yes ratio 2/4
+    #   (paired with the label file by position, as LLaVA's eval_pope does, all four would be wrong)
+    assert [m["adversarial"][k] for k in ("n", "accuracy", "precision", "recall", "f1", "yes_ratio")] == \
+        pytest.approx([4, 0.5, 0.5, 0.5, 0.5, 0.5])
+    # random: 201 yes/yes TP, 202 no/no TN: accuracy, precision, recall, f1 all 1, yes ratio 1/2
+    assert [m["random"][k] for k in ("n", "accuracy", "precision", "recall", "f1", "yes_ratio")] == \
+        pytest.approx([2, 1.0, 1.0, 1.0, 1.0, 0.5])
+    assert "popular" not in m
+    assert (m["mean_f1"], m["mean_accuracy"]) == pytest.approx(((0.5 + 1) / 2, (0.5 + 1) / 2))
+
+
+def test_bench_vqav2_server_and_local(tmp_path):
+    root = tmp_path
+    bench_put(root / "vqav2" / "llava_vqav2_mscoco_test-dev2015.jsonl",
+              [dict(question_id=1, image="t1.jpg", text="How many dogs?" + S),
+               dict(question_id=2, image="t1.jpg", text="Is it sunny?" + S)])
+    bench_put(root / "vqav2" / "llava_vqav2_mscoco_test2015.jsonl",
+              [dict(question_id=i, image="t1.jpg", text="q" + S) for i in (1, 2, 3)])
+    bench_put(root / "vqav2" / "test2015" / "t1.jpg")
+    b, cfg = bench_load(root, "vqav2")
+    answers = {1: "Two dogs!", 2: "Yes."}
+    assert bench_score(b, cfg, lambda q: answers[q["question_id"]]) == {"n": 2}  # test-dev: only the server scores
+    rows = [dict(question_id=q["question_id"], prompt=q["prompt"], text=answers[q["question_id"]])
+            for q in b["questions"]]
+    # every test2015 question, normalised; question 3 was not asked (test-dev is a part of test2015)
+    assert ev.submit_vqav2(b["questions"], rows, str(root)) == [dict(question_id=1, answer="2 dogs"),
+                                                                 dict(question_id=2, answer="yes"),
+                                                                 dict(question_id=3, answer="")]
+
+    humans = {10: ["red"] * 2 + ["blue"] * 8, 11: ["2"] * 3 + ["3"] * 7, 12: ["yes"] * 10}
+    bench_put(root / "vqav2" / "v2_mscoco_val2014_annotations.json",
+              text=dict(annotations=[dict(question_id=i, answers=[dict(answer=a, answer_id=k + 1)
+                                                                 for k, a in enumerate(h)])
+                                     for i, h in humans.items()]))
+    b, cfg = bench_load(root, "vqav2")
+    assert bench_score(b, cfg, lambda q: answers[q["question_id"]]) == {"n": 2}  # val annotations, test questions
+    bench_put(root / "vqav2" / "llava_vqav2_mscoco_val2014.jsonl",
+              [dict(question_id=i, image="v.jpg", text="q?" + S) for i in humans])
+    bench_put(root / "val2014" / "v.jpg")
+    b, cfg = bench_load(root, "vqav2", question_file=str(root / "vqav2" / "llava_vqav2_mscoco_val2014.jsonl"),
+                        image_folder=str(root / "val2014"))
+    m = bench_score(b, cfg, lambda q: {10: "Red", 11: "two", 12: "no"}[q["question_id"]])
+    # 10: 2 of 10 humans said red: leaving out one of those 2 leaves 1 match (1/3), one of the other 8 leaves 2 (2/3)
+    #     -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6, not min(2/3, 1) = 0.67
+    # 11: "two" -> "2", 3 of 10: (3 * 2/3 + 7 * 1) / 10 = 0.9 ; 12: 0
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx((0.6 + 0.9 + 0.0) / 3)
+
+
+def test_bench_vizwiz(tmp_path):
+    asked = "What colour is the shirt?" + ev.UNANSWERABLE + S
+    questions = [dict(question_id=0, image="VizWiz_val_0.jpg", text="What is this?"),
+                 dict(question_id=1, image="VizWiz_val_1.jpg", text=asked)]
+    bench_put(tmp_path / "vizwiz" / "llava_val.jsonl", questions)
+    humans = lambda answers: [dict(answer=a, answer_confidence="yes") for a in answers]
+    bench_put(tmp_path / "vizwiz" / "val.json",
+              text=[dict(image="VizWiz_val_1.jpg", question="What colour is the shirt?",
+                         answers=humans(["white"] + ["grey"] * 9)),
+                    dict(image="VizWiz_val_0.jpg", question="What is this?",
+                         answers=humans(["unanswerable"] * 5 + ["book"] * 5))])
+    for q in questions:
+        bench_put(tmp_path / "vizwiz" / "val" / q["image"])
+    b, cfg = bench_load(tmp_path, "vizwiz", question_file=str(tmp_path / "vizwiz" / "llava_val.jsonl"),
+                        image_folder=str(tmp_path / "vizwiz" / "val"))
+    # SPEC 6: the unanswerable sentence, then the short-answer suffix; a text that has them keeps them once
+    assert [q["prompt"] for q in b["questions"]] == ["What is this?" + ev.UNANSWERABLE + S, asked]
+    answers = {0: "Unanswerable", 1: "White."}
+    m = bench_score(b, cfg, lambda q: answers[q["question_id"]])
+    # 0: 5 of 10 say unanswerable: every leave-one-out subset keeps >= 4 matches -> 1.0
+    # 1: 1 of 10 said white: (1 * 0/3 + 9 * 1/3) / 10 = 0.3
+    assert m["accuracy"] == pytest.approx((1.0 + 0.3) / 2)
+    rows = [dict(question_id=q["question_id"], prompt=q["prompt"], text=answers[q["question_id"]])
+            for q in b["questions"]]
+    assert ev.submit_vizwiz(b["questions"], rows, str(tmp_path)) == [
+        dict(image="VizWiz_val_0.jpg", answer="unanswerable"), dict(image="VizWiz_val_1.jpg", answer="white")]
+
+
+def test_bench_textvqa_two_questions_share_an_id(tmp_path):
+    # LLaVA's TextVQA question ids are image ids: both questions on image f00d carry question_id "f00d"
+    ocr = "\nReference OCR token: Nikon, 35mm"
+    bench_put(tmp_path / "textvqa" / "llava_textvqa_val_v051_ocr.jsonl", [
+        dict(question_id="f00d", image="f00d.jpg", text="what brand is the camera?" + ocr + S),
+        dict(question_id="f00d", image="f00d.jpg", text="what is the focal length?" + ocr + S)])
+    bench_put(tmp_path / "textvqa" / "TextVQA_0.5.1_val.json", text=dict(data=[
+        dict(image_id="f00d", question="What is the focal length?", answers=["35mm"] * 10),
+        dict(image_id="f00d", question="What brand is the camera?", answers=["nikon"] * 3 + ["canon"] * 7)]))
+    bench_put(tmp_path / "textvqa" / "train_images" / "f00d.jpg")
+    b, cfg = bench_load(tmp_path, "textvqa")
+    m = bench_score(b, cfg, lambda q: "Nikon" if "brand" in q["text"] else "35 mm")
+    # brand: 3 of 10 said nikon: (3 * 2/3 + 7 * 1) / 10 = 0.9 ; focal length: "35 mm" is not "35mm": 0
+    assert m["n"] == 2 and m["accuracy"] == pytest.approx((0.9 + 0.0) / 2)
+
+
+def test_bench_gqa(tmp_path):
+    bench_put(tmp_path / "gqa" / "llava_gqa_testdev_balanced.jsonl",
+              [dict(question_id=i, image="n1.jpg", text=f"question {i}?" + S) for i in ("201", "202", "203")])
+    bench_put(tmp_path / "gqa" / "data" / "testdev_balanced_questions.json",
+              text={"201": dict(answer="yes", imageId="n1"), "202": dict(answer="table", imageId="n1"),
+                    "203": dict(answer="table", imageId="n1")})
+    bench_put(tmp_path / "gqa" / "data" / "images" / "n1.jpg")
+    b, cfg = bench_load(tmp_path, "gqa")
+    m = bench_score(b, cfg, lambda q: {"201": "Yes.", "202": "Table", "203": "the table"}[q["question_id"]])
+    # "Yes." -> "yes" right; "Table" -> "table" right; "the table": exact match keeps the article, wrong -> 2/3
+    assert m == dict(n=3, accuracy=pytest.approx(2 / 3))
+
+
+def test_bench_mme(tmp_path):
+    release = tmp_path / "MME" / "MME_Benchmark_release_version"
+    yn = " Please answer yes or no."
+    # position and code_reasoning keep <image>.txt beside the image; artwork has images/ and questions_answers_YN/
+    (release / "position").mkdir(parents=True)
+    (release / "position" / "1.txt").write_text(f"Is the cat left of the dog?{yn}\tYes\n"
+                                                f"Is the cat right of the dog?{yn}\tNo\n")
+    (release / "position" / "2.txt").write_text(f"Is the cup above the plate? {yn}\tYes\n"  # MME's two spaces
+                                                f"Is the cup below the plate?{yn}\tNo\n")
+    (release / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (release / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
+        f"Is this artwork created by Monet?{yn}\tYes\nIs this artwork created by Manet?{yn}\tNo\n")
+    (release / "code_reasoning").mkdir(parents=True)
+    (release / "code_reasoning" / "7.txt").write_text(f"Is the output 3?{yn}\tYes\nIs the output 4?{yn}\tNo\n")
+    asked = [("position/1.jpg", "Is the cat left of the dog?", "Yes"),
+             ("position/1.jpg", "Is the cat right of the dog?", "No, it is not."),
+             ("position/2.jpg", "Is the cup above the plate?", "yes"),
+             ("position/2.jpg", "Is the cup below the plate?", "Yes"),
+             ("artwork/images/10002.jpg", "Is this artwork created by Monet?", "I think yes"),  # "i th": neither
+             ("artwork/images/10002.jpg", "Is this artwork created by Manet?", "Not by Manet"),  # "not ": no
+             ("code_reasoning/7.png", "Is the output 3?", "Yes"),
+             ("code_reasoning/7.png", "Is the output 4?", "No")]
+    bench_put(tmp_path / "MME" / "llava_mme.jsonl",  # LLaVA's file: the question id is the image; no "Please answer"
+              [dict(question_id=image, image=image, text=question + S, category=image.split("/")[0])
+               for image, question, _ in asked])
+    for image, _, _ in asked:
+        bench_put(release / image)
+    b, cfg = bench_load(tmp_path, "mme")
+    m = bench_score(b, cfg, lambda q: {(i, t + S): a for i, t, a in asked}[q["question_id"], q["text"]])
+    # position: 3 of 4 questions right -> accuracy 75; image 1 has both right, image 2 not -> accuracy+ 1/2 = 50
+    assert (m["position"]["accuracy"], m["position"]["accuracy_plus"], m["position"]["score"]) == \
+        pytest.approx((75, 50, 125))
+    # artwork: one image, one of its two questions right -> accuracy 50, accuracy+ 0, score 50
+    assert (m["artwork"]["accuracy"], m["artwork"]["accuracy_plus"], m["artwork"]["score"]) == \
+        pytest.approx((50, 0, 50))
+    assert m["code_reasoning"]["score"] == pytest.approx(200)     # 100 + 100
+    assert m["perception"] == pytest.approx(125 + 50)            # position + artwork
+    assert m["cognition"] == pytest.approx(200)
+    assert m["spatial"] == {"position": pytest.approx(125)}
+
+
+def test_bench_seed(tmp_path):
+    options = "\nA. left\nB. right\nC. top\nD. bottom"
+    bench_put(tmp_path / "seed_bench" / "llava-seed-bench.jsonl", [
+        dict(question_id="101", image="SEED-Bench-image/1.jpg", text="Where is the cat?" + options + data.MC_SUFFIX),
+        dict(question_id="102", image="SEED-Bench-image/1.jpg", text="Where is the dog?" + options),
+        dict(question_id="103", image="SEED-Bench-image/2.jpg", text="Where is the cup?" + options + data.MC_SUFFIX),
+        dict(question_id="104", image="SEED-Bench-image/2.jpg", text="What is the scene?" + options + data.MC_SUFFIX)])
+    seed = lambda i, answer, t: dict(question_id=i, answer=answer, question_type_id=t, data_type="image",
+                                     data_id="x.jpg", question="...", choice_a="left", choice_b="right",
+                                     choice_c="top", choice_d="bottom")
+    bench_put(tmp_path / "seed_bench" / "SEED-Bench.json", text=dict(
+        question_type={"Scene Understanding": 1, "Instance Location": 4, "Spatial Relation": 6},
+        questions=[seed("104", "D", 1), seed("103", "C", 6), seed("102", "B", 4), seed("101", "A", 4)]))
+    for image in ("1.jpg", "2.jpg"):
+        bench_put(tmp_path / "seed_bench" / "SEED-Bench-image" / image)
+    b, cfg = bench_load(tmp_path, "seed")
+    assert b["questions"][1]["prompt"] == "Where is the dog?" + options + data.MC_SUFFIX
+    m = bench_score(b, cfg, lambda q: {"101": "A", "102": "B. right", "103": "C.", "104": "Bottom"}[q["question_id"]])
+    # strict: 101 A right, 102 "B. right" wrong, 103 "C." right, 104 "Bottom" wrong -> 2/4
+    # lenient: 102 starts with B -> right; "Bottom" starts with a word, not a letter -> 3/4
+    assert (m["n"], m["accuracy"], m["accuracy_lenient"], m["accuracy_image"]) == pytest.approx((4, 0.5, 0.75, 0.5))
+    # instance location (type 4): 101 right, 102 wrong -> 1/2 ; spatial relation (type 6): 103 right -> 1
+    assert m["spatial"] == {"instance location": pytest.approx(0.5), "spatial relation": pytest.approx(1.0)}
+    assert m["types"]["Scene Understanding"] == 0.0
+
+
+def bench_mmbench_tsv(path):
+    buf = __import__("io").BytesIO()
+    Image.new("RGB", (3, 2), (255, 0, 0)).save(buf, "PNG")
+    png = __import__("base64").b64encode(buf.getvalue()).decode()
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "source", "l2-category",
+               "comment", "split", "image"]
+    rows = [["0", "Where is the ball?", "A boy plays.", "left", "right", "top", "", "B", "object_localization",
+             "s", "l2", "nan", "dev", png],
+            ["1", "What colour is it?", "nan", "red", "green", "blue", "yellow", "C", "attribute_recognition",
+             "s", "l2", "nan", "dev", png],
+            ["1000000", "Where is the ball?", "A boy plays.", "right", "top", "left", "", "A", "object_localization",
+             "s", "l2", "nan", "dev", png]]  # MMBench's own circular copy of question 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join("\t".join(r) for r in [columns] + rows) + "\n")
+
+
+def test_bench_mmbench_and_circular_eval(tmp_path):
+    bench_mmbench_tsv(tmp_path / "mmbench" / "mmbench_dev_20230712.tsv")
+    b, cfg = bench_load(tmp_path, "mmbench")
+    q0, q1 = b["questions"]  # the copy with index 1000000 is skipped
+    # as LLaVA's model_vqa_mmbench: hint, question, the options present, the MC suffix; "nan" is no hint
+    assert q0["prompt"] == "A boy plays.\nWhere is the ball?\nA. left\nB. right\nC. top" + data.MC_SUFFIX
+    assert q1["prompt"] == "What colour is it?\nA. red\nB. green\nC. blue\nD. yellow" + data.MC_SUFFIX
+    assert Image.open(__import__("io").BytesIO(q0["image"])).size == (3, 2)  # decoded in memory
+    m = bench_score(b, cfg, lambda q: {0: "B", 1: "C. blue"}[q["question_id"]])
+    # strict: 0 right, 1 wrong ("C. blue" is not a bare letter) -> 1/2; lenient: both right -> 1
+    assert (m["n"], m["accuracy"], m["accuracy_lenient"]) == pytest.approx((2, 0.5, 1.0))
+    assert m["spatial"] == {"object_localization": 1.0}
+
+    b, cfg = bench_load(tmp_path, "mmbench", circular=True)
+    assert [(q["question_id"], q["round"], q["answer"]) for q in b["questions"]] == [
+        (0, 0, "B"), (0, 1, "A"), (0, 2, "C"),             # right: B, in [right, top, left] A, in [top, left, right] C
+        (1, 0, "C"), (1, 1, "B"), (1, 2, "A"), (1, 3, "D")]  # blue: C, then B, A, D as the options shift by one
+    assert b["questions"][1]["prompt"] == "A boy plays.\nWhere is the ball?\nA. right\nB. top\nC. left" + data.MC_SUFFIX
+    given = {(0, 0): "B", (0, 1): "A", (0, 2): "C", (1, 0): "C", (1, 1): "B", (1, 2): "A", (1, 3): "A"}
+    m = bench_score(b, cfg, lambda q: given[q["question_id"], q["round"]])
+    # question 0 right in all 3 shifts; question 1 wrong in its last shift (A, not D) -> circular 1/2; first pass 2/2
+    assert (m["accuracy"], m["accuracy_circular"]) == pytest.approx((1.0, 0.5))
+    assert m["spatial"] == {"object_localization": 1.0}
+
+
+def test_bench_refcoco_box_spaces(tmp_path):
+    bench_put(tmp_path / "refcoco" / "llava_refcoco_val.jsonl", [
+        dict(question_id=1, image="wide.jpg", text="the red car", bbox=[0, 0, 100, 40], width=200, height=100),
+        dict(question_id=2, image="wide.jpg", text="the dog", bbox=[0, 0, 100, 40], width=200, height=100),
+        dict(question_id=3, image="square.jpg", text="the cup", bbox=[10, 10, 60, 60], width=100, height=100)])
+    for image in ("wide.jpg", "square.jpg"):
+        bench_put(tmp_path / "refcoco" / "train2014" / image)
+    answers = {1: "[0, 0.25, 0.5, 0.45]", 2: "There is a dog.", 3: "It is at [0.1, 0.1, 0.6, 0.6] or [0, 0, 1, 1]"}
+    b, cfg = bench_load(tmp_path, "refcoco")
+    assert b["questions"][0]["prompt"] == data.GROUNDING_PROMPT.format(ref="the red car")
+    m = bench_score(b, cfg, lambda q: answers[q["question_id"]])
+    # 1, square space: W = 200, H = 100, S = 200, offsets (S - W) / 2 = 0 and (S - H) / 2 = 50:
+    #   x1 = 0 * 200 - 0 = 0, y1 = 0.25 * 200 - 50 = 0, x2 = 0.5 * 200 = 100, y2 = 0.45 * 200 - 50 = 40: IoU 1, a hit
+    # 2: no box -> wrong ; 3: square image, [10, 10, 60, 60] exactly (the first box counts): a hit
+    assert (m["n"], m["acc_iou50"], m["unparseable"], m["box_space"]) == pytest.approx((3, 2 / 3, 1 / 3, "square"))
+    m = bench_score(b, ev.EvalConfig(box_space="orig"), lambda q: answers[q["question_id"]])
+    # 1, orig space: [0, 0.25 * 100, 100, 0.45 * 100] = [0, 25, 100, 45] against [0, 0, 100, 40]:
+    #   intersection 100 x 15 = 1500, union 4000 + 2000 - 1500 = 4500, IoU 1/3: a miss ; 3 still a hit
+    assert (m["acc_iou50"], m["box_space"]) == pytest.approx((1 / 3, "orig"))
+
+    bench_put(tmp_path / "refcoco" / "llava_refcocog_val.jsonl",
+              [dict(question_id=7, image="wide.jpg", text="a car", bbox=[0, 0, 1, 1], width=200, height=100)])
+    assert [q["question_id"] for q in bench_load(tmp_path, "refcocog")[0]["questions"]] == [7]
+    bench_put(tmp_path / "refcoco" / "llava_refcoco+_val.jsonl",
+              [dict(question_id=8, image="wide.jpg", text="a car", bbox=[0, 0, 1], width=200, height=100)])
+    with pytest.raises(ValueError, match=r"llava_refcoco\+_val.jsonl: question 8: field 'bbox' must be"):
+        bench_load(tmp_path, "refcoco+")
+
+
+def test_bench_command_writes_answers_resumes_and_scores(fake_data, tmp_path, monkeypatch):
+    root, run = tmp_path / "eval", tmp_path / "run"
+    bench_pope_layout(root)
+    model = FakeModel({q["text"]: POPE_ANSWERS[q["question_id"]] for q in POPE_QUESTIONS})
+    monkeypatch.setattr(ev, "load_model", lambda ckpt, device: (model, FakeTokenizer(), None, {}))
+    argv = ["--ckpt", str(run), "--bench", "pope", f"--data_root={root}", "--batch_size", "4"]
+    ev.main(argv)
+    asked = lambda: sum(map(len, model.batches))
+    assert asked() == 6 and len(model.batches) == 2          # 6 questions in batches of 4 and 2
+    assert sorted(fake_data) == sorted(str(root / "pope" / "val2014" / q["image"]) for q in POPE_QUESTIONS)
+    path = run / "pope" / "answers.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    assert sorted((r["question_id"], r["prompt"], r["text"]) for r in rows) == \
+        sorted((q["question_id"], q["text"], POPE_ANSWERS[q["question_id"]]) for q in POPE_QUESTIONS)
+    scores = json.loads((run / "pope" / "scores.json").read_text())
+    assert (scores["adversarial"]["accuracy"], scores["random"]["f1"]) == pytest.approx((0.5, 1.0))  # test_bench_pope
+
+    ev.main(argv)
+    assert asked() == 6                                      # everything answered: nothing asked again
+    # a run killed mid-write: two answers lost, the last line cut short
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:4]) + lines[4][:10])
+    ev.main(argv)
+    assert asked() == 6 + 2                                  # only the two unanswered questions
+    assert len(path.read_text().splitlines()) == 6
+    assert json.loads((run / "pope" / "scores.json").read_text()) == scores
+
+
+def test_bench_missing_files_and_bad_records(tmp_path):
+    with pytest.raises(SystemExit, match=r"pope: missing \S*pope/llava_pope_test.jsonl \(expected as pope in "
+                                         r"LLaVA-1.5's layout under "):
+        bench_load(tmp_path, "pope")
+    bench_put(tmp_path / "pope" / "llava_pope_test.jsonl", POPE_QUESTIONS)
+    with pytest.raises(SystemExit, match=r"pope: missing \S*pope/coco/coco_pope_adversarial.json"):
+        bench_load(tmp_path, "pope")
+    bench_pope_layout(tmp_path)
+    (tmp_path / "pope" / "val2014" / "b.jpg").unlink()
+    with pytest.raises(SystemExit, match=r"pope: 1 of 2 images missing, e.g. \S*pope/val2014/b.jpg"):
+        bench_load(tmp_path, "pope")
+    bench_put(tmp_path / "pope" / "llava_pope_test.jsonl", [POPE_QUESTIONS[0], dict(question_id=102, image="a.jpg")])
+    with pytest.raises(ValueError, match=r"llava_pope_test.jsonl: line 2: field 'text' is missing"):
+        bench_load(tmp_path, "pope")
+    (tmp_path / "pope" / "llava_pope_test.jsonl").write_text(json.dumps(POPE_QUESTIONS[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"llava_pope_test.jsonl: line 2: not valid JSON"):
+        bench_load(tmp_path, "pope")
+    with pytest.raises(SystemExit, match="unknown --bench 'nope'"):
+        bench_load(tmp_path, "nope")
