@@ -376,6 +376,10 @@ def test_llava_import_matches_transformers(tmp_path):
     mine = ours(ids, torch.ones_like(ids), torch.full_like(ids, M.IGNORE_INDEX), pixel_values)[1]
     assert mine.shape == theirs.shape
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    import rgae  # R-GAE runs on the imported model too (it switches the LLM to eager attention itself)
+    maps = rgae.relevance(ours, pixel_values[0], text_before + [M.IMAGE_TOKEN_INDEX], text_after)
+    assert maps["text_to_patch"].shape == (n,) and maps["text_to_query"].sum() > 0
+    torch.testing.assert_close(maps["query_to_patch"], torch.eye(n))
 
 
 def test_text_only_and_image_samples_share_a_batch(parts):
