@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from PIL import Image, ImageDraw
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -42,6 +43,7 @@ class EvalConfig:
     limit: int = 0            # > 0: only the first `limit` questions of each task
     device: str = ""          # default: cuda if available, else cpu
     table: str = ""           # a folder of runs (out/): compare their eval.json in one markdown table, evaluate nothing
+    curves: str = ""          # run folders, comma-separated: plot their training loss (log.jsonl) into --out, a PNG
     bench: str = ""           # a benchmark of the paper: pope vqav2 vizwiz textvqa gqa mme seed mmbench refcoco(+/g)
     data_root: str = ""       # LLaVA-1.5's ./playground/data/eval, laid out as its docs/Evaluation.md says
     question_file: str = ""   # another question file than the layout's (a val split, RefCOCO testA, ...)
@@ -299,6 +301,34 @@ def compare_runs(root):
         cells = [f"{100 * results[t][HEADLINE.get(t, 'accuracy')]:.1f}" if t in results else "-" for t in tasks]
         lines.append(f"| {run} | {projector} | {m} | {params:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_curves(logs, names, path, size=(640, 360), smooth=20):
+    """The loss of each log.jsonl against its step, a moving average over `smooth` steps, drawn with pillow."""
+    curves = []
+    for log in logs:
+        losses = [r["loss"] for r in read_jsonl(log, ("loss",))]
+        curves.append([sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
+                       for i in range(len(losses))])
+    lo, hi = min(min(c) for c in curves), max(max(c) for c in curves)
+    steps = max(len(c) for c in curves)
+    W, H, pad = size[0], size[1], 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([pad, 10, W - 10, H - pad], outline="black")
+    xy = lambda i, v: (pad + (W - 10 - pad) * i / max(1, steps - 1), H - pad - (H - pad - 10) * (v - lo) / (hi - lo))
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    for k, (curve, name) in enumerate(zip(curves, names)):
+        colour = colours[k % len(colours)]
+        draw.line([xy(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
+        draw.text((W - 250, 16 + 14 * k), f"{name}: {curve[-1]:.3f}", fill=colour)
+        print(f"{name}: final loss (moving average) {curve[-1]:.4f}")
+    draw.text((pad, H - pad + 6), f"step 1 .. {steps}", fill="black")
+    draw.text((4, 10), f"{hi:.2f}", fill="black")
+    draw.text((4, H - pad - 10), f"{lo:.2f}", fill="black")
+    draw.text((pad + 4, H - 16), f"loss, moving average over {smooth} steps", fill="black")
+    image.save(path)
+    return [c[-1] for c in curves]
 
 
 def shapes_paths(cfg, train_cfg):
@@ -834,6 +864,11 @@ def main(argv):
     cfg, _ = parse_args(EvalConfig, argv)
     if cfg.table:
         print(compare_runs(cfg.table))
+        return
+    if cfg.curves:
+        runs = cfg.curves.split(",")
+        plot_curves([os.path.join(r, "log.jsonl") for r in runs], runs, cfg.out or "curves.png")
+        print(f"wrote {cfg.out or 'curves.png'}")
         return
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     bench = load_benchmark(cfg) if cfg.bench else None

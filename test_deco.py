@@ -907,6 +907,14 @@ def fake_data(monkeypatch):
     return loaded
 
 
+
+def test_plot_curves_smooths_each_log(tmp_path):
+    for name, losses in (("a", range(1, 41)), ("b", [5.0] * 10)):
+        ev.write_jsonl(tmp_path / f"{name}.jsonl", [dict(step=i, loss=float(v)) for i, v in enumerate(losses)])
+    final = ev.plot_curves([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], ["a", "b"], tmp_path / "c.png", smooth=20)
+    assert final == [sum(range(21, 41)) / 20, 5.0]  # the mean of the last 20 losses, or of all there are
+    assert Image.open(tmp_path / "c.png").size == (640, 360)
+
 def test_generate_answers_restores_order(fake_data):
     questions = ["a much longer question here?", "q1?", "medium one?", "q22?", "another long question!"]
     records = [{"question_id": i, "image": f"{i}.png", "text": q} for i, q in enumerate(questions)]
@@ -1591,3 +1599,83 @@ def test_bench_missing_files_and_bad_records(tmp_path):
         bench_load(tmp_path, "pope")
     with pytest.raises(SystemExit, match="unknown --bench 'nope'"):
         bench_load(tmp_path, "nope")
+
+
+# -----------------------------------------------------------------------------
+# faults a long training run must survive (SPEC section 9)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tmp_path):
+    """A training process killed with SIGKILL, which gives it no chance to clean up, restarted with --resume: the
+    final weights equal an uninterrupted run's."""
+    import signal
+    import time
+    extra = ("--stage=pretrain", "--epochs=4", "--save_every=2")  # 16 steps, a checkpoint every 2
+    train.main(train_args(world, tmp_path / "straight", *extra))
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *train_args(world, killed, *extra)],
+                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = killed / "log.jsonl", time.time() + 120
+    while time.time() < deadline and child.poll() is None:  # kill it once it is past its second checkpoint
+        if log.exists() and any(json.loads(line)["step"] >= 5 for line in log.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the run ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    step = torch.load(killed / "ckpt" / "state.pt", weights_only=True)["step"]
+    assert 4 <= step < 16
+    train.main(train_args(world, killed, *extra, "--resume"))
+    a = M.load_file(str(tmp_path / "straight" / "ckpt" / M.WEIGHTS))
+    b = M.load_file(str(killed / "ckpt" / M.WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_cut_short_is_never_taken(world, tmp_path):
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
+    good = train.find_checkpoint(str(tmp_path))
+    assert good == str(tmp_path / "ckpt")
+    # died while writing: ckpt.tmp holds half a weights file and no state
+    (tmp_path / "ckpt.tmp").mkdir()
+    (tmp_path / "ckpt.tmp" / M.WEIGHTS).write_bytes(b"\x00" * 10)
+    assert train.find_checkpoint(str(tmp_path)) == good
+    # died between the two renames: ckpt moved to ckpt.old, ckpt.tmp not yet renamed: ckpt.old is complete
+    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")
+    assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt.old")
+    # resume from it (with a longer schedule, so that there is something left to train and save)
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=3", "--save_every=2", "--resume"))
+    assert torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)["step"] == 12
+    assert not (tmp_path / "ckpt.tmp").exists() and not (tmp_path / "ckpt.old").exists()
+
+
+class CodeInAPickle:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.path.join(os.getcwd(), 'pwned')}",))
+
+
+def test_a_pickle_carrying_code_is_refused(world, tmp_path, monkeypatch):
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1", "--save_every=2"))
+    torch.save(dict(step=2, payload=CodeInAPickle()), tmp_path / "ckpt" / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1", "--resume"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_corrupt_image_mid_epoch(world, tmp_path, capsys):
+    records = json.load(open(world["pretrain"]))[:32]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for r in records:
+        (folder / r["image"]).write_bytes(open(os.path.join(world["image_folder"], r["image"]), "rb").read())
+    (folder / records[20]["image"]).write_bytes(b"not a png")  # in the second half of the epoch
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(records, f)
+    args = train_args(world, tmp_path / "run", "--stage=pretrain", f"--data_path={tmp_path / 'data.json'}",
+                      f"--image_folder={folder}")
+    with pytest.raises(ValueError, match=rf"{records[20]['image']}.*|record 20"):
+        train.main(args)
+    train.main(args + ["--skip_bad_samples", "--out_dir=" + str(tmp_path / "skip")])
+    assert capsys.readouterr().out.count("skipped:") == 1
+    assert len(read_log(tmp_path / "skip" / "log.jsonl")) == 2  # both steps of the epoch trained

@@ -346,7 +346,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
             index_lists = micro_batches(len(dataset), epoch, start, cfg.micro_batch_size, world, rank,
                                         steps_per_epoch * accum, cfg.seed)
             yield from torch.utils.data.DataLoader(
-                dataset, batch_sampler=index_lists, num_workers=cfg.num_workers,
+                dataset, batch_sampler=index_lists, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                 collate_fn=lambda b: collate(b, tokenizer.pad_token_id, image_size),
                 generator=torch.Generator())  # its own generator: the global RNG stays as resume left it
 
@@ -360,7 +360,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
             batch = next(it)
             if batch is None:  # every sample of this micro-batch was bad and skipped (--skip_bad_samples)
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if dist.is_initialized():
                 ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
