@@ -87,7 +87,8 @@ def maxpool_map(x, M):
 
 def gradient_times_input(x, visual, grad_visual):
     """Ours for cabstractor (no attention to follow): for each visual token j, relu of the gradient x input on the
-    patch features of z_t through token j alone, normalised to sum 1. x [1, N, C] -> [M, N]."""
+    patch features of the target through token j alone, normalised to sum 1. grad_visual: the target's gradient
+    with respect to the visual tokens [1, M, d_llm]; x [1, N, C] -> [M, N]."""
     M = visual.shape[1]
     per_token = torch.zeros(M, *visual.shape, dtype=visual.dtype, device=visual.device)  # [M, 1, M, d_llm]
     per_token[torch.arange(M), 0, torch.arange(M)] = grad_visual[0]
@@ -152,33 +153,31 @@ def relevance(model, pixel_values, prompt, answer, per_token=False, targets_per_
     M, N, L = visual.shape[1], x.shape[1], len(out.attentions)
     first = len(prompt) - 1 + M
     inputs = list(out.attentions) + [A for _, A in projector_attentions] + [visual]
-    fixed = FIXED_MAPS[name](x[0].detach().float(), M) if name in FIXED_MAPS else None  # the same for every t
-    maps = {"text_to_query_t": [], "query_to_patch_t": [], "text_to_patch_t": []}
+    R_t2q, R_q2i, grad_visual = [], [], torch.zeros_like(visual)
     for t, grads in enumerate(target_grads(out, answer, inputs, targets_per_backward)):
         A_bars = [gae_map(g, A) for g, A in zip(grads[:L], out.attentions)]
-        R_t2q = text_to_query_row(A_bars, first + t - 1)[p:p + M]  # [M], from the row that predicts y_t
-        R_q2i = fixed if fixed is not None else query_to_patch(name, x, visual, grads[-1], projector_attentions,
-                                                                grads[L:-1], N)
-        maps["text_to_query_t"].append(R_t2q)
-        maps["query_to_patch_t"].append(R_q2i)
-        maps["text_to_patch_t"].append(R_t2q @ R_q2i)  # Eq. 4
-    maps = {k: torch.stack(v).detach() for k, v in maps.items()}
+        R_t2q.append(text_to_query_row(A_bars, first + t - 1)[p:p + M])  # [M], from the row that predicts y_t
+        if name in ("qformer", "dabstractor"):  # dabstractor's deformable map is its cross-attention (ours)
+            kinds = ["self" if n.endswith("self") else "cross" for n, _ in projector_attentions]
+            R_q2i.append(decoder_relevance([(k, gae_map(g, A)) for k, (_, A), g in
+                                            zip(kinds, projector_attentions, grads[L:-1])], N))
+        grad_visual = grad_visual + grads[-1]
+    if name in FIXED_MAPS:
+        R_q2i = [FIXED_MAPS[name](x[0].detach().float(), M)] * len(answer)
+    if name == "cabstractor":  # ours: gradient x input of all the answer's targets together, one map per sample
+        R_q2i = [gradient_times_input(x, visual, grad_visual)] * len(answer)
+    R_t2q, R_q2i = torch.stack(R_t2q).detach(), torch.stack(R_q2i).detach()  # [L, M], [L, M, N]
+    maps = dict(text_to_query_t=R_t2q, query_to_patch_t=R_q2i,
+                text_to_patch_t=torch.einsum("lm,lmn->ln", R_t2q, R_q2i))  # Eq. 4 for each t
     result = {k[:-2]: v.mean(0) for k, v in maps.items()}  # Eq. 5: the mean of the per-t products
     return {**result, **maps} if per_token else result
 
 
-# Query-to-Patch maps that do not depend on the target: x [N, C], M -> [M, N]
+# the Query-to-Patch maps that do not depend on the target: x [N, C], M -> [M, N]
 FIXED_MAPS = {"linear": lambda x, M: torch.eye(x.shape[0]),
               "avgpool": lambda x, M: pooling_map(x.shape[0], M),
               "maxpool": maxpool_map}
 
-
-def query_to_patch(name, x, visual, grad_visual, attentions, grads, N):
-    if name == "cabstractor":
-        return gradient_times_input(x, visual, grad_visual)
-    # qformer, and ours for dabstractor: its deformable map is the effective cross-attention
-    kinds = ["self" if n.endswith("self") else "cross" for n, _ in attentions]
-    return decoder_relevance([(k, gae_map(g, A)) for k, (_, A), g in zip(kinds, attentions, grads)], N)
 
 # -----------------------------------------------------------------------------
 # the paper's baseline (appendix B): raw attention instead of relevance

@@ -1679,3 +1679,25 @@ def test_a_corrupt_image_mid_epoch(world, tmp_path, capsys):
     train.main(args + ["--skip_bad_samples", "--out_dir=" + str(tmp_path / "skip")])
     assert capsys.readouterr().out.count("skipped:") == 1
     assert len(read_log(tmp_path / "skip" / "log.jsonl")) == 2  # both steps of the epoch trained
+
+
+def test_modality_grouping_gives_single_modality_micro_batches():
+    has_image = [i % 3 != 0 for i in range(50)]  # 33 image samples, 17 text-only
+    micro, world = 4, 2
+    usable = train.full_micro_batches(has_image, micro)
+    assert usable == 4 * (33 // 4 + 17 // 4) == 48
+    per_epoch = usable // micro  # micro-batches per epoch, over both ranks
+    lists = [train.micro_batches(50, 1, 0, micro, world, rank, per_epoch // world, 0, has_image) for rank in (0, 1)]
+    batches = lists[0] + lists[1]
+    assert len(batches) == 12 and all(len(b) == micro for b in batches)
+    assert all(len({has_image[i] for i in b}) == 1 for b in batches)  # one modality each
+    seen = [i for b in batches for i in b]
+    assert len(set(seen)) == 48  # no sample twice
+    assert sum(all(has_image[i] for i in b) for b in batches) == 8  # 33 // 4 image micro-batches, 17 // 4 text
+    # resuming at micro-batch 3 of rank 0 reads what an uninterrupted epoch reads from there
+    assert train.micro_batches(50, 1, 3, micro, world, 0, per_epoch // world, 0, has_image) == lists[0][3:]
+
+
+def test_training_with_modality_grouping(world, tmp_path):
+    train.main(train_args(world, tmp_path, "--stage=finetune", "--group_by_modality", "--micro_batch_size=4"))
+    assert len(read_log(tmp_path / "log.jsonl")) == (4 * (48 // 4 + 16 // 4)) // 16  # 4 steps, as without grouping

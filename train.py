@@ -67,6 +67,7 @@ class TrainConfig:
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
+    group_by_modality: bool = False  # LLaVA's group_by_modality_length: each micro-batch all-image or all-text
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory for 7B
     # run
     out_dir: str = ""  # "" = out/<projector>
@@ -236,11 +237,25 @@ def param_groups(model, cfg, stage):
             dict(params=lora, lr=cfg.finetune_lr)]
 
 
-def micro_batches(n, epoch, start, micro, world, rank, micro_per_epoch, seed):
+def micro_batches(n, epoch, start, micro, world, rank, micro_per_epoch, seed, has_image=None):
     """The index lists this rank reads in an epoch, from micro-batch `start` on: a seeded permutation cut into
-    micro-batches of the global batch, rank r taking every world-th one. Resuming only needs (epoch, start)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    micro-batches of the global batch, rank r taking every world-th one. Resuming only needs (epoch, start).
+    With has_image (one bool per sample), LLaVA's modality grouping: every micro-batch is all-image or all-text, in
+    a seeded order; what is left of a modality short of a full micro-batch waits for another epoch."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if has_image is not None:
+        chunks = []
+        for group in ([i for i in perm if has_image[i]], [i for i in perm if not has_image[i]]):
+            chunks += [group[k:k + micro] for k in range(0, len(group) - micro + 1, micro)]
+        perm = [i for c in torch.randperm(len(chunks), generator=g).tolist() for i in chunks[c]]
     return [perm[(k * world + rank) * micro:(k * world + rank + 1) * micro] for k in range(start, micro_per_epoch)]
+
+
+def full_micro_batches(has_image, micro):
+    """How many samples modality grouping can use per epoch: whole micro-batches of each modality."""
+    images = sum(has_image)
+    return micro * (images // micro + (len(has_image) - images) // micro)
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +338,9 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
                          f"{world} processes")
     accum = global_batch // (cfg.micro_batch_size * world)
     image_size = model.vision_tower.config.image_size
-    steps_per_epoch = len(dataset) // global_batch
+    has_image = [bool(r and "image" in r) for r in dataset.records] if cfg.group_by_modality else None
+    usable = full_micro_batches(has_image, cfg.micro_batch_size) if has_image else len(dataset)
+    steps_per_epoch = usable // global_batch
     total_steps = steps_per_epoch * cfg.epochs
     if total_steps == 0:
         raise ValueError(f"{data_path}: {len(dataset)} samples make no full global batch of {global_batch}")
@@ -344,7 +361,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
         for epoch in range(step // steps_per_epoch, cfg.epochs):
             start = (step % steps_per_epoch) * accum if epoch == step // steps_per_epoch else 0
             index_lists = micro_batches(len(dataset), epoch, start, cfg.micro_batch_size, world, rank,
-                                        steps_per_epoch * accum, cfg.seed)
+                                        steps_per_epoch * accum, cfg.seed, has_image)
             yield from torch.utils.data.DataLoader(
                 dataset, batch_sampler=index_lists, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                 collate_fn=lambda b: collate(b, tokenizer.pad_token_id, image_size),
