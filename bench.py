@@ -47,7 +47,6 @@ class BenchConfig:
     new_tokens: int = 64  # generation
     answer_tokens: int = 16  # R-GAE
     lora_r: int = 16
-    rgae: bool = True  # time R-GAE (cabstractor's takes M backward passes through the projector per answer token)
     device: str = ""  # default: cuda if available
     out: str = "bench.json"
 
@@ -128,11 +127,9 @@ def bench_projector(cfg, root, name, device):
         loss.backward()
         model.zero_grad(set_to_none=True)
     fb = timed(forward_backward, 3, 1, device)
-    maps = batched = float("nan")
-    if cfg.rgae:
-        maps = timed(lambda: rgae.relevance(model, pixels[0], prompt, answer), 3, 1, device)
-        batched = timed(lambda: rgae.relevance(model, pixels[0], prompt, answer,
-                                               targets_per_backward=cfg.answer_tokens), 3, 1, device)
+    maps = timed(lambda: rgae.relevance(model, pixels[0], prompt, answer), 3, 1, device)
+    batched = timed(lambda: rgae.relevance(model, pixels[0], prompt, answer,
+                                           targets_per_backward=cfg.answer_tokens), 3, 1, device)
     return dict(projector=name, visual_tokens=model.num_visual_tokens,
                 trainable_params=sum(p.numel() for p in trainable),
                 projector_params=sum(p.numel() for p in model.projector.parameters()),
