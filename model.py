@@ -52,14 +52,17 @@ class MLLM(nn.Module):
         self.vision_tower.eval()  # frozen: no dropout, whatever the mode
         return self
 
-    def encode_images(self, pixel_values):
-        # [B, 3, H, W] -> [B, M, d_llm]
-        with torch.no_grad():
-            hidden = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
-            x = hidden.hidden_states[-2]  # [B, 1 + N, d_v]: second-to-last block, no post-LayerNorm
+    @torch.no_grad()
+    def patch_features(self, pixel_values):
+        """The frozen tower's patch features, in the projector's dtype: [B, 3, H, W] -> [B, N, d_v]."""
+        hidden = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        x = hidden.hidden_states[-2]  # [B, 1 + N, d_v]: second-to-last block, no post-LayerNorm
         if self.drop_cls:
             x = x[:, 1:]  # -> [B, N, d_v]
-        return self.projector(x.to(self.projector_dtype))
+        return x.to(self.projector_dtype)
+
+    def encode_images(self, pixel_values):
+        return self.projector(self.patch_features(pixel_values))  # [B, 3, H, W] -> [B, M, d_llm]
 
     @property
     def projector_dtype(self):

@@ -109,10 +109,7 @@ def teacher_forced(model, pixel_values, prompt, answer, features_grad=False):
     llm = model.llm
     if llm.config._attn_implementation != "eager":
         llm.set_attn_implementation("eager")  # the attention probabilities are needed
-    with torch.no_grad():
-        hidden = model.vision_tower(pixel_values[None].to(model.vision_tower.dtype), output_hidden_states=True)
-        x = hidden.hidden_states[-2][:, 1:] if model.drop_cls else hidden.hidden_states[-2]  # [1, N, d_v]
-    x = x.to(model.projector_dtype).requires_grad_(features_grad)
+    x = model.patch_features(pixel_values[None]).requires_grad_(features_grad)  # [1, N, d_v]
     with record_attention(model.projector) as attentions:
         visual = model.projector(x)  # [1, N, d_v] -> [1, M, d_llm]
     p = prompt.index(IMAGE_TOKEN_INDEX)
