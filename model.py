@@ -99,8 +99,9 @@ class MLLM(nn.Module):
                                                                           pixel_values)
         logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                           position_ids=position_ids).logits  # [B, T', V]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX)
+        # position t predicts token t + 1: shift the labels, not the logits, whose slice would copy [B, T', V]
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
     @torch.no_grad()

@@ -382,6 +382,36 @@ def test_llava_import_matches_transformers(tmp_path):
     torch.testing.assert_close(maps["query_to_patch"], torch.eye(n))
 
 
+def test_bench_feeds_transformers_llava_our_batch(tmp_path):
+    """bench.py's transformers side trains the same parameters, and with our weights copied in (LoRA included) gives
+    our loss on its batch: the image token repeated N times, its labels ignored."""
+    import bench
+    cfg = bench.BenchConfig(batch_size=2, text_tokens=12)
+    bench.save_models(cfg, tmp_path)
+    ours = M.build_model(str(tmp_path / "vision"), str(tmp_path / "llm"), "linear", 0, cfg.lora_r, 2 * cfg.lora_r,
+                         attn_implementation="eager")[0]
+    theirs = bench.build_hf_llava(cfg, str(tmp_path), torch.float32)
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == sum(p.numel() for p in trainable)
+    with torch.no_grad():
+        for p in trainable:  # LoRA's B starts at zero: make every adapter count
+            p.normal_(0, 0.05)
+    llava, llm = theirs.base_model.model, ours.llm.base_model.model
+    llava.model.vision_tower.load_state_dict(ours.vision_tower.state_dict())
+    llava.model.language_model.load_state_dict(llm.model.state_dict())
+    llava.lm_head.load_state_dict(llm.lm_head.state_dict())
+    llava.model.multi_modal_projector.linear_1.load_state_dict(ours.projector[0].state_dict())
+    llava.model.multi_modal_projector.linear_2.load_state_dict(ours.projector[2].state_dict())
+    ids, pixels = bench.random_inputs(cfg, ours.vision_tower.config.image_size)
+    N = ours.num_visual_tokens
+    expanded = bench.expand_image(ids, N, bench.HF_IMAGE_TOKEN)
+    assert expanded.shape == (2, 12 - 1 + N)
+    mine = ours(ids, torch.ones_like(ids), ids.clamp(min=0), pixels)[0]
+    loss = theirs(input_ids=expanded, attention_mask=torch.ones_like(expanded), labels=bench.expand_image(ids, N, X),
+                  pixel_values=pixels).loss
+    torch.testing.assert_close(mine, loss)
+
+
 def test_text_only_and_image_samples_share_a_batch(parts):
     vision, llm = parts
     model, _, _ = M.build_model(vision, llm, "avgpool", 4)
