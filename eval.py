@@ -4,6 +4,8 @@ Evaluation: the LLaVA-1.5 scorers (SPEC 6) and the shapes-world held-out evaluat
     python eval.py --ckpt out/avgpool                  # prints a table, writes out/avgpool/eval.json
     python eval.py --ckpt=out/avgpool --limit=50       # quick look: first 50 questions per task
     python eval.py --table out                         # one table of every out/<run>/eval.json
+    python eval.py --bars out/a,out/b --out bars.png   # their eval.json as grouped bars (PNG)
+    python eval.py --ckpt out/avgpool --probe 3000     # linear probes: what the patches and visual tokens carry
     python eval.py --ckpt CKPT --bench pope --data_root playground/data/eval
                                                        # a benchmark of the paper in LLaVA-1.5's layout: answers
                                                        # (resumable) and scores in CKPT/pope/
@@ -15,11 +17,13 @@ import io
 import json
 import math
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from tqdm import tqdm
@@ -44,6 +48,8 @@ class EvalConfig:
     device: str = ""          # default: cuda if available, else cpu
     table: str = ""           # a folder of runs (out/): compare their eval.json in one markdown table, evaluate nothing
     curves: str = ""          # run folders, comma-separated: plot their training loss (log.jsonl) into --out, a PNG
+    probe: int = 0            # > 0: linear probes on this many fresh scenes of what the patches and tokens carry
+    bars: str = ""            # run folders, comma-separated: bar chart of their eval.json headline metrics into --out
     bench: str = ""           # a benchmark of the paper: pope vqav2 vizwiz textvqa gqa mme seed mmbench refcoco(+/g)
     data_root: str = ""       # LLaVA-1.5's ./playground/data/eval, laid out as its docs/Evaluation.md says
     question_file: str = ""   # another question file than the layout's (a val split, RefCOCO testA, ...)
@@ -262,6 +268,82 @@ def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, o
     return results
 
 
+# -----------------------------------------------------------------------------
+# what the visual tokens carry: linear probes on fresh shapes-world scenes
+
+
+def probe_scenes(image_processor, n, seed, image_size=96, max_objects=3):
+    """n new scenes of the world (a seed of their own, so none is a training image) -> pixel_values [n, 3, H, W]
+    and each of the 3x3 cells' labels: shape [n, 9] and colour [n, 9] (the last class = an empty cell), box
+    [n, 9, 4] (zeros where empty)."""
+    rng = random.Random(f"shapes-{seed}-probe")
+    colours = sorted(data.COLOURS)
+    pixels, shape, colour = [], torch.full((n, 9), len(data.SHAPES)), torch.full((n, 9), len(colours))
+    box = torch.zeros(n, 9, 4)
+    for i in range(n):
+        objects = data.random_scene(rng, image_size, max_objects)
+        pixels.append(image_processor(images=data.draw_scene(objects, image_size), return_tensors="pt")["pixel_values"])
+        for o in objects:
+            shape[i, o["cell"]], colour[i, o["cell"]] = data.SHAPES.index(o["shape"]), colours.index(o["colour"])
+            box[i, o["cell"]] = torch.tensor(o["box"])
+    return torch.cat(pixels), dict(shape=shape, colour=colour, box=box)
+
+
+def linear_probe(features, labels, steps=1000, lr=1e-3, weight_decay=1e-2, held_out=0.2):
+    """One Linear over the flattened features [n, K, D] -> every cell's shape and colour (cross-entropy), trained on
+    the first 80% of the scenes. Returns the held-out accuracies over occupied cells."""
+    x = features.flatten(1).float()
+    n, n_train = len(x), int(len(x) * (1 - held_out))
+    x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-5)
+    S, C = len(data.SHAPES) + 1, len(data.COLOURS) + 1
+    head = torch.nn.Linear(x.shape[1], 9 * (S + C))
+    torch.nn.init.zeros_(head.weight)  # a convex problem: start at zero, so the same features give the same probe
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(n_train, (min(256, n_train),), generator=g)
+        logits = head(x[rows]).view(-1, 9, S + C)
+        loss = (F.cross_entropy(logits[..., :S].flatten(0, 1), labels["shape"][rows].flatten())
+                + F.cross_entropy(logits[..., S:].flatten(0, 1), labels["colour"][rows].flatten()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    test = torch.arange(n_train, n)
+    with torch.no_grad():
+        logits = head(x[test]).view(-1, 9, S + C)
+    keep = labels["shape"][test] < len(data.SHAPES)
+    accuracy = lambda pred, truth: (pred == truth)[keep].float().mean().item()
+    return dict(n_cells=int(keep.sum()), shape=accuracy(logits[..., :S].argmax(-1), labels["shape"][test]),
+                colour=accuracy(logits[..., S:].argmax(-1), labels["colour"][test]))
+
+
+def cell_box_baseline(labels, held_out=0.2):
+    """Acc@IoU>=0.5 of answering every grounding question with the mean box of the object's cell (over the first 80%
+    of the scenes): what naming the right cell alone scores."""
+    box, occupied = labels["box"], labels["shape"] < len(data.SHAPES)
+    n_train = int(len(box) * (1 - held_out))
+    mean_box = (box[:n_train] * occupied[:n_train, :, None]).sum(0) / occupied[:n_train].sum(0).clamp(min=1)[:, None]
+    hits = [box_iou(mean_box[c].tolist(), box[i, c].tolist()) >= 0.5
+            for i in range(n_train, len(box)) for c in range(9) if occupied[i, c]]
+    return sum(hits) / len(hits)
+
+
+def probe_model(model, image_processor, n=3000, seed=0, image_size=96, max_objects=3, batch_size=100):
+    """Linear probes of what the frozen tower's patch features [N, d_v] and the projector's visual tokens
+    [M, d_llm] carry about each cell of n fresh scenes, and the grounding score of naming the right cell."""
+    pixel_values, labels = probe_scenes(image_processor, n, seed, image_size, max_objects)
+    device = next(model.projector.parameters()).device
+    patches, tokens = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc="probe features", unit="batch"):
+            x = model.patch_features(pixel_values[start:start + batch_size].to(device))  # [b, N, d_v]
+            patches.append(x.cpu())
+            tokens.append(model.projector(x).cpu())  # [b, M, d_llm]
+    return dict(patches=linear_probe(torch.cat(patches), labels), tokens=linear_probe(torch.cat(tokens), labels),
+                cell_box_iou50=cell_box_baseline(labels))
+
+
 def format_table(results):
     lines = [f"{'task':<10} {'metric':<10} {'value':>7} {'n':>6}"]
     for task, metrics in results.items():
@@ -303,6 +385,9 @@ def compare_runs(root):
     return "\n".join(lines)
 
 
+COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]  # one per run in the plots
+
+
 def plot_curves(logs, names, path, size=(640, 360), smooth=20):
     """The loss of each log.jsonl against its step, a moving average over `smooth` steps, drawn with pillow."""
     curves = []
@@ -317,9 +402,8 @@ def plot_curves(logs, names, path, size=(640, 360), smooth=20):
     draw = ImageDraw.Draw(image)
     draw.rectangle([pad, 10, W - 10, H - pad], outline="black")
     xy = lambda i, v: (pad + (W - 10 - pad) * i / max(1, steps - 1), H - pad - (H - pad - 10) * (v - lo) / (hi - lo))
-    colours = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
     for k, (curve, name) in enumerate(zip(curves, names)):
-        colour = colours[k % len(colours)]
+        colour = COLOURS[k % len(COLOURS)]
         draw.line([xy(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
         draw.text((W - 250, 16 + 14 * k), f"{name}: {curve[-1]:.3f}", fill=colour)
         print(f"{name}: final loss (moving average) {curve[-1]:.4f}")
@@ -329,6 +413,37 @@ def plot_curves(logs, names, path, size=(640, 360), smooth=20):
     draw.text((pad + 4, H - 16), f"loss, moving average over {smooth} steps", fill="black")
     image.save(path)
     return [c[-1] for c in curves]
+
+
+def plot_bars(runs, path, size=(720, 360)):
+    """Each task's headline metric (eval.json) as a group of bars, one bar per run, drawn with pillow.
+    Returns {run: {task: value}}."""
+    scores = {}
+    for run in runs:
+        with open(os.path.join(run, "eval.json")) as f:
+            scores[run] = {t: m[HEADLINE.get(t, "accuracy")] for t, m in json.load(f).items()}
+    tasks = [t for t in HEADLINE if any(t in v for v in scores.values())]
+    W, H, pad = size[0], size[1], 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.line([(pad, H - pad), (W - 10, H - pad)], fill="black")
+    group = (W - 10 - pad) / len(tasks)
+    bar = group * 0.8 / len(runs)
+    for j, task in enumerate(tasks):
+        x0 = pad + j * group + group * 0.1
+        draw.text((x0, H - pad + 6), task, fill="black")
+        for k, run in enumerate(runs):
+            v = scores[run].get(task)
+            if v is not None:
+                top = H - pad - (H - pad - 40) * v
+                draw.rectangle([x0 + k * bar, top, x0 + (k + 1) * bar - 2, H - pad], fill=COLOURS[k % len(COLOURS)])
+    for k, run in enumerate(runs):
+        name = "/".join(os.path.normpath(run).split(os.sep)[-2:])
+        draw.text((pad + 170 * (k % 4), 4 + 12 * (k // 4)), name, fill=COLOURS[k % len(COLOURS)])
+    draw.text((4, 36), "100%", fill="black")
+    draw.text((4, H - pad - 10), "0%", fill="black")
+    image.save(path)
+    return scores
 
 
 def shapes_paths(cfg, train_cfg):
@@ -865,6 +980,11 @@ def main(argv):
     if cfg.table:
         print(compare_runs(cfg.table))
         return
+    if cfg.bars:
+        for run, values in plot_bars(cfg.bars.split(","), cfg.out or "bars.png").items():
+            print(run, " ".join(f"{t} {100 * v:.1f}" for t, v in values.items()))
+        print(f"wrote {cfg.out or 'bars.png'}")
+        return
     if cfg.curves:
         runs = cfg.curves.split(",")
         plot_curves([os.path.join(r, "log.jsonl") for r in runs], runs, cfg.out or "curves.png")
@@ -878,6 +998,22 @@ def main(argv):
         scores = run_benchmark(model, tokenizer, image_processor, bench, cfg)
         print(format_scores(bench["name"], scores))
         print(f"wrote {os.path.join(cfg.out or cfg.ckpt, bench['name'], 'scores.json')}")
+        return
+    if cfg.probe:
+        settings = os.path.join(train_cfg.get("shapes_root", "data/shapes"), "settings.json")
+        with open(settings) as f:
+            world = json.load(f)
+        results = probe_model(model, image_processor, cfg.probe, world["seed"], world["image_size"],
+                              world["max_objects"])
+        for name in ("patches", "tokens"):
+            r = results[name]
+            print(f"{name:<8} shape {100 * r['shape']:.1f}%  colour {100 * r['colour']:.1f}%  "
+                  f"({r['n_cells']} held-out cells)")
+        print(f"grounding by the mean box of the right cell: Acc@IoU>=0.5 {100 * results['cell_box_iou50']:.1f}%")
+        out_path = cfg.out or os.path.join(cfg.ckpt, "probe.json")
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {out_path}")
         return
     eval_dir, image_folder = shapes_paths(cfg, train_cfg)
     out_path = cfg.out or os.path.join(cfg.ckpt, "eval.json")

@@ -945,6 +945,52 @@ def test_plot_curves_smooths_each_log(tmp_path):
     assert final == [sum(range(21, 41)) / 20, 5.0]  # the mean of the last 20 losses, or of all there are
     assert Image.open(tmp_path / "c.png").size == (640, 360)
 
+
+def test_plot_bars_draws_each_runs_headline_metric(tmp_path):
+    runs = [tmp_path / "full", tmp_path / "empty"]
+    for run, v in zip(runs, (1.0, 0.0)):
+        run.mkdir()
+        metrics = dict(colour=dict(n=1, accuracy=v), grounding=dict(n=1, acc_iou50=v, unparseable=1 - v))
+        (run / "eval.json").write_text(json.dumps(metrics))
+    scores = ev.plot_bars([str(r) for r in runs], tmp_path / "bars.png")
+    assert scores == {str(runs[0]): dict(colour=1.0, grounding=1.0), str(runs[1]): dict(colour=0.0, grounding=0.0)}
+    image = Image.open(tmp_path / "bars.png").convert("RGB")
+    # two task groups over the 670-px axis from x=40: in the first, the first run's bar spans x 74..205, the
+    # second's 208..339
+    first = tuple(int(ev.COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
+    assert image.getpixel((150, 60)) == first and image.getpixel((150, 200)) == first  # 100%: to the top
+    assert image.getpixel((300, 200)) == (255, 255, 255)  # the second run's bar: 0%, nothing drawn
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    torch.manual_seed(0)
+    blank = lambda images, return_tensors: {"pixel_values": torch.zeros(1, 3, 2, 2)}
+    _, labels = ev.probe_scenes(blank, 500, seed=0)
+    occupied = labels["shape"] < len(data.SHAPES)
+    assert occupied.sum(1).min() >= 1 and occupied.sum(1).max() <= 3
+    assert (labels["shape"] < len(data.SHAPES)).eq(labels["colour"] < len(data.COLOURS)).all()
+    # features that spell out each cell's shape and colour: a linear probe reads both
+    exact = torch.cat([F.one_hot(labels["shape"], len(data.SHAPES) + 1),
+                       F.one_hot(labels["colour"], len(data.COLOURS) + 1)], -1).float()  # [n, 9, 11]
+    r = ev.linear_probe(exact + 0.01 * torch.randn(exact.shape), labels)
+    assert r["shape"] == 1.0 and r["colour"] == 1.0 and r["n_cells"] == int(occupied[400:].sum())
+    # features that hold only the colours: the shape probe falls to about chance, colour stays
+    colour_only = exact[..., len(data.SHAPES) + 1:]
+    r = ev.linear_probe(colour_only + 0.01 * torch.randn(colour_only.shape), labels)
+    assert r["colour"] == 1.0 and r["shape"] < 0.5
+
+
+def test_cell_box_baseline_by_hand():
+    n = 5  # 4 scenes fit the mean boxes, the fifth is held out
+    labels = dict(shape=torch.full((n, 9), len(data.SHAPES)), box=torch.zeros(n, 9, 4))
+    labels["shape"][:, 0] = 0
+    labels["box"][:, 0] = torch.tensor([[0, 0, .2, .2], [0, 0, .2, .2], [.1, .1, .3, .3], [.1, .1, .3, .3],
+                                        [.05, .05, .25, .25]])
+    labels["shape"][4, 4] = 1  # a cell never occupied in the first four: its mean box is empty, IoU 0
+    labels["box"][4, 4] = torch.tensor([.4, .4, .6, .6])
+    assert ev.cell_box_baseline(labels) == 0.5  # cell 0's mean [.05, .05, .25, .25] hits exactly; cell 4 misses
+
+
 def test_generate_answers_restores_order(fake_data):
     questions = ["a much longer question here?", "q1?", "medium one?", "q22?", "another long question!"]
     records = [{"question_id": i, "image": f"{i}.png", "text": q} for i, q in enumerate(questions)]
