@@ -274,48 +274,58 @@ def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, o
 
 def probe_scenes(image_processor, n, seed, image_size=96, max_objects=3):
     """n new scenes of the world (a seed of their own, so none is a training image) -> pixel_values [n, 3, H, W]
-    and each of the 3x3 cells' labels: shape [n, 9] and colour [n, 9] (the last class = an empty cell), box
-    [n, 9, 4] (zeros where empty)."""
+    and labels: each 3x3 cell's shape [n, 9] and colour [n, 9] (the last class: an empty cell), each shape's colour
+    [n, 4] (the last class: the shape is absent), each cell's box [n, 9, 4] (zeros where empty)."""
     rng = random.Random(f"shapes-{seed}-probe")
     colours = sorted(data.COLOURS)
     pixels, shape, colour = [], torch.full((n, 9), len(data.SHAPES)), torch.full((n, 9), len(colours))
-    box = torch.zeros(n, 9, 4)
+    colour_of_shape, box = torch.full((n, len(data.SHAPES)), len(colours)), torch.zeros(n, 9, 4)
     for i in range(n):
         objects = data.random_scene(rng, image_size, max_objects)
         pixels.append(image_processor(images=data.draw_scene(objects, image_size), return_tensors="pt")["pixel_values"])
         for o in objects:
-            shape[i, o["cell"]], colour[i, o["cell"]] = data.SHAPES.index(o["shape"]), colours.index(o["colour"])
+            s, c = data.SHAPES.index(o["shape"]), colours.index(o["colour"])
+            shape[i, o["cell"]], colour[i, o["cell"]], colour_of_shape[i, s] = s, c, c
             box[i, o["cell"]] = torch.tensor(o["box"])
-    return torch.cat(pixels), dict(shape=shape, colour=colour, box=box)
+    return torch.cat(pixels), dict(shape=shape, colour=colour, colour_of_shape=colour_of_shape, box=box)
+
+
+# the probed labels and their class counts, the last class meaning none (an empty cell, an absent shape)
+PROBE_CLASSES = dict(shape=len(data.SHAPES) + 1, colour=len(data.COLOURS) + 1, colour_of_shape=len(data.COLOURS) + 1)
 
 
 def linear_probe(features, labels, steps=1000, lr=1e-3, weight_decay=1e-2, held_out=0.2):
-    """One Linear over the flattened features [n, K, D] -> every cell's shape and colour (cross-entropy), trained on
-    the first 80% of the scenes. Returns the held-out accuracies over occupied cells."""
+    """One Linear over the flattened features [n, K, D] -> every label of PROBE_CLASSES (cross-entropy), trained on
+    the first 80% of the scenes. Returns each label's held-out accuracy where it is not none: the cells' shape and
+    colour need to know where the objects are; the colour of each shape (the answer to "what colour is the
+    circle?") does not."""
     x = features.flatten(1).float()
     n, n_train = len(x), int(len(x) * (1 - held_out))
     x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-5)
-    S, C = len(data.SHAPES) + 1, len(data.COLOURS) + 1
-    head = torch.nn.Linear(x.shape[1], 9 * (S + C))
+    sizes = [labels[k].shape[1] * c for k, c in PROBE_CLASSES.items()]
+    head = torch.nn.Linear(x.shape[1], sum(sizes))
     torch.nn.init.zeros_(head.weight)  # a convex problem: start at zero, so the same features give the same probe
     torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def logits(rows):  # {label: [rows, k, classes]}
+        parts = head(x[rows]).split(sizes, -1)
+        return {k: p.view(len(rows), -1, c) for (k, c), p in zip(PROBE_CLASSES.items(), parts)}
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         rows = torch.randint(n_train, (min(256, n_train),), generator=g)
-        logits = head(x[rows]).view(-1, 9, S + C)
-        loss = (F.cross_entropy(logits[..., :S].flatten(0, 1), labels["shape"][rows].flatten())
-                + F.cross_entropy(logits[..., S:].flatten(0, 1), labels["colour"][rows].flatten()))
+        loss = sum(F.cross_entropy(z.flatten(0, 1), labels[k][rows].flatten()) for k, z in logits(rows).items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     test = torch.arange(n_train, n)
     with torch.no_grad():
-        logits = head(x[test]).view(-1, 9, S + C)
-    keep = labels["shape"][test] < len(data.SHAPES)
-    accuracy = lambda pred, truth: (pred == truth)[keep].float().mean().item()
-    return dict(n_cells=int(keep.sum()), shape=accuracy(logits[..., :S].argmax(-1), labels["shape"][test]),
-                colour=accuracy(logits[..., S:].argmax(-1), labels["colour"][test]))
+        out = logits(test)
+    scores = {}
+    for k, c in PROBE_CLASSES.items():
+        truth = labels[k][test]
+        scores[k] = (out[k].argmax(-1) == truth)[truth < c - 1].float().mean().item()
+    return dict(n_cells=int((labels["shape"][test] < len(data.SHAPES)).sum()), **scores)
 
 
 def cell_box_baseline(labels, held_out=0.2):
@@ -1007,8 +1017,8 @@ def main(argv):
                               world["max_objects"])
         for name in ("patches", "tokens"):
             r = results[name]
-            print(f"{name:<8} shape {100 * r['shape']:.1f}%  colour {100 * r['colour']:.1f}%  "
-                  f"({r['n_cells']} held-out cells)")
+            print(f"{name:<8} cells: shape {100 * r['shape']:.1f}%, colour {100 * r['colour']:.1f}%  "
+                  f"colour of each shape {100 * r['colour_of_shape']:.1f}%  ({r['n_cells']} held-out objects)")
         print(f"grounding by the mean box of the right cell: Acc@IoU>=0.5 {100 * results['cell_box_iou50']:.1f}%")
         out_path = cfg.out or os.path.join(cfg.ckpt, "probe.json")
         with open(out_path, "w") as f:

@@ -969,11 +969,17 @@ def test_linear_probe_reads_what_the_features_hold():
     occupied = labels["shape"] < len(data.SHAPES)
     assert occupied.sum(1).min() >= 1 and occupied.sum(1).max() <= 3
     assert (labels["shape"] < len(data.SHAPES)).eq(labels["colour"] < len(data.COLOURS)).all()
+    assert ((labels["colour_of_shape"] < len(data.COLOURS)).sum(1) == occupied.sum(1)).all()
     # features that spell out each cell's shape and colour: a linear probe reads both
     exact = torch.cat([F.one_hot(labels["shape"], len(data.SHAPES) + 1),
                        F.one_hot(labels["colour"], len(data.COLOURS) + 1)], -1).float()  # [n, 9, 11]
     r = ev.linear_probe(exact + 0.01 * torch.randn(exact.shape), labels)
-    assert r["shape"] == 1.0 and r["colour"] == 1.0 and r["n_cells"] == int(occupied[400:].sum())
+    assert r["shape"] == r["colour"] == 1.0 and r["n_cells"] == int(occupied[400:].sum())
+    # "the colour of the circle" is not linear in the cells' one-hots (an AND of shape and colour per cell)...
+    assert r["colour_of_shape"] < 0.7
+    # ...but it is in their products, one per cell, shape and colour
+    bound = (exact[..., :len(data.SHAPES) + 1, None] * exact[..., None, len(data.SHAPES) + 1:]).flatten(2)
+    assert ev.linear_probe(bound, labels)["colour_of_shape"] > 0.95  # a triple or two unseen in 400 scenes
     # features that hold only the colours: the shape probe falls to about chance, colour stays
     colour_only = exact[..., len(data.SHAPES) + 1:]
     r = ev.linear_probe(colour_only + 0.01 * torch.randn(colour_only.shape), labels)
