@@ -95,13 +95,18 @@ class MLLM(nn.Module):
         return pad_sequences(seqs, seq_labels if labels is not None else None, left_pad)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values):
+        """(loss, logits [B, K, V]) at the K positions whose next token some sample supervises (every position when
+        none is): the LM head never runs on the visual tokens, most of a LLaVA sequence."""
         inputs_embeds, attention_mask, labels, position_ids = self.splice(input_ids, attention_mask, labels,
                                                                           pixel_values)
-        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          position_ids=position_ids).logits  # [B, T', V]
         # position t predicts token t + 1: shift the labels, not the logits, whose slice would copy [B, T', V]
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T']
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        if len(keep) == 0:
+            keep = torch.arange(targets.shape[1], device=targets.device)
+        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=keep).logits  # [B, K, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
     @torch.no_grad()

@@ -418,10 +418,17 @@ def test_text_only_and_image_samples_share_a_batch(parts):
     ids = torch.tensor([[1, 4, M.IMAGE_TOKEN_INDEX, 5, 6], [1, 7, 8, 9, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, 8, 9, -100]])
-    loss, logits = model(ids, mask, labels, torch.randn(2, 3, 32, 32))
-    assert logits.shape[:2] == (2, 5 - 1 + 4)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    loss, logits = model(ids, mask, labels, pixel_values)
+    # spliced: [1, 4, v, v, v, v, 5, 6] and [1, 7, 8, 9, pad...]; the positions predicting a label: 1, 2, 5, 6
+    assert logits.shape[:2] == (2, 4)
     loss.backward()  # every projector parameter is in the graph, even for the text-only sample
     assert all(p.grad is not None for p in model.projector.parameters())
+    with torch.no_grad():  # the same loss from the logits of every position
+        embeds, attention, spliced, positions = model.splice(ids, mask, labels, pixel_values)
+        full = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
+        torch.testing.assert_close(full[:, [1, 2, 5, 6]], logits)
+        torch.testing.assert_close(loss, F.cross_entropy(full[:, :-1].flatten(0, 1), spliced[:, 1:].flatten()))
 
 
 def test_batched_generation_equals_one_by_one(parts):
