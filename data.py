@@ -298,6 +298,20 @@ def draw_scene(objects, image_size):
     return img
 
 
+def patch_labels(objects, image_size, patch_size):
+    """What covers each patch centre: 1 + the index of the object's shape in SHAPES and of its colour in sorted
+    COLOURS, 0 for the background. The targets of the tiny tower's pretraining. -> two [G*G] lists, row-major."""
+    grid = image_size // patch_size
+    shape, colour = [0] * grid * grid, [0] * grid * grid
+    for o in objects:
+        (x0, y0), s = o["xy"], o["size"]
+        for i in range(grid * grid):
+            cx, cy = (i % grid + 0.5) * patch_size, (i // grid + 0.5) * patch_size
+            if x0 <= cx < x0 + s and y0 <= cy < y0 + s:
+                shape[i], colour[i] = 1 + SHAPES.index(o["shape"]), 1 + sorted(COLOURS).index(o["colour"])
+    return shape, colour
+
+
 def caption(objects):
     parts = [f"a {o['colour']} {o['shape']} at the {POSITIONS[o['cell']]}" for o in objects]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

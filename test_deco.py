@@ -4,7 +4,9 @@ a formula, transformers' own implementation, or a case worked out by hand.
 """
 import filecmp
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 
@@ -503,7 +505,7 @@ def test_gradient_checkpointing_changes_no_gradient(parts):
         torch.manual_seed(0)
         model, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
         if checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.llm.activation_checkpointing_enable()  # non-reentrant by default
         model.train()
         model(ids, torch.ones_like(ids), labels, torch.ones(1, 3, 32, 32))[0].backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
@@ -776,6 +778,37 @@ def test_world_cache(tmp_path, monkeypatch):
     assert sorted(os.listdir(w["image_folder"]))[-1] == "train_00020.png"
     assert "eval_00004.png" not in os.listdir(w["image_folder"])  # the old world's files are gone
     assert json.load(open(os.path.join(tmp_path, "settings.json")))["n_train"] == 21
+
+
+def test_patch_labels_by_hand():
+    square = dict(shape="square", colour="red", xy=(8, 0), size=16)
+    shape, colour = data.patch_labels([square], image_size=32, patch_size=8)
+    # 4x4 patches, centres at 4, 12, 20, 28 px: the square's [8, 24) x [0, 16) covers columns 1-2 of rows 0-1
+    covered = {1, 2, 5, 6}
+    assert shape == [2 if i in covered else 0 for i in range(16)]  # 1 + SHAPES.index("square")
+    assert colour == [4 if i in covered else 0 for i in range(16)]  # blue, green, purple, red: 1 + 3
+
+
+def test_tower_pretraining_teaches_the_tower():
+    """The per-patch loss must fall below the entropy of the labels (the best an input-blind guess can do), and far
+    below what the same head reaches on the random tower left frozen: the tower itself learned what is where."""
+    side, patch = 48, 8
+    rng = random.Random("another seed")
+    labels = [data.patch_labels(data.random_scene(rng, side, 3), side, patch) for _ in range(500)]
+    entropy = 2 * math.log(side // patch)  # row and column: uniform
+    for column in zip(*labels):  # shape, colour
+        p = torch.bincount(torch.tensor(column).flatten()).float()
+        p = p[p > 0] / p.sum()
+        entropy += -(p * p.log()).sum().item()
+    final = {}
+    for trained in (True, False):
+        torch.manual_seed(0)
+        tower = CLIPVisionModel(tiny_vision_config(image_size=side, patch_size=patch)).requires_grad_(trained)
+        losses = train.pretrain_vision(tower, clip_processor(side), seed=0, max_objects=3, images=256, steps=300,
+                                       batch_size=16, lr=3e-3)
+        final[trained] = sum(losses[-10:]) / 10
+        assert losses[0] > entropy and not tower.training
+    assert final[True] < 0.3 * final[False] and final[False] < entropy
 
 
 def test_world_feeds_the_dataset(tmp_path, processor):
@@ -1768,6 +1801,29 @@ def test_a_corrupt_image_mid_epoch(world, tmp_path, capsys):
     train.main(args + ["--skip_bad_samples", "--out_dir=" + str(tmp_path / "skip")])
     assert capsys.readouterr().out.count("skipped:") == 1
     assert len(read_log(tmp_path / "skip" / "log.jsonl")) == 2  # both steps of the epoch trained
+
+
+def test_a_micro_batch_all_bad_on_one_ddp_rank_does_not_hang(world, tmp_path):
+    """Rank 1's third micro-batch holds only a corrupt image; rank 0's does not. Rank 1 must still take part in the
+    gradient all-reduce, or rank 0 waits for it forever."""
+    records = json.load(open(world["pretrain"]))[:16]
+    bad = train.micro_batches(16, 0, 0, 1, 2, 1, 8, 0)[2][0]  # n, epoch, start, micro, world, rank, per epoch, seed
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for r in records:
+        (folder / r["image"]).write_bytes(open(os.path.join(world["image_folder"], r["image"]), "rb").read())
+    (folder / records[bad]["image"]).write_bytes(b"not a png")
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(records, f)
+    args = train_args(world, tmp_path / "run", "--stage=pretrain", f"--data_path={tmp_path / 'data.json'}",
+                      f"--image_folder={folder}", "--pretrain_batch_size=2", "--micro_batch_size=1",
+                      "--skip_bad_samples")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py")] + args
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.stdout + run.stderr).count("skipped:") == 1
+    assert len(read_log(tmp_path / "run" / "log.jsonl")) == 8
 
 
 def test_modality_grouping_gives_single_modality_micro_batches():

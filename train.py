@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM)
 
-from data import IGNORE_INDEX, LlavaDataset, build_shapes_world, collate
+from data import (COLOURS, IGNORE_INDEX, SHAPES, LlavaDataset, build_shapes_world, collate, draw_scene, patch_labels,
+                  random_scene)
 from model import (CONFIG, WEIGHTS, build_model, load_trainable, parse_projector_options, read_blip2,
                    save_trainable)
 
@@ -85,11 +88,15 @@ SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretr
                      lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
 # the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
 SHAPES_PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
-# the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). One vision block: hidden_states[-2] is then
-# the (random, frozen) patch embedding. initializer_range 0.1, not 0.02: the frozen lm_head of a 128-wide model
-# initialised at 0.02 cannot move its logits by more than a few units, and stage 2 stalls on one answer per kind
-TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+# the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). Two vision blocks: hidden_states[-2] is the
+# first block's output, the features the tower's pretraining shapes. initializer_range 0.1, not 0.02: the frozen
+# lm_head of a 128-wide model initialised at 0.02 cannot move its logits by more than a few units, and stage 2 stalls on
+# one answer per kind
+TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                    num_attention_heads=4)
+# CLIP's patches say what is where; a random tower's do not (after avgpool, a linear probe reads a cell's shape 40% of
+# the time). The tiny tower learns it from the world's generator: what covers each patch, and where the patch is
+TINY_VISION_PRETRAIN = dict(images=6000, steps=2000, batch_size=32, lr=3e-3)
 TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.1)
 TINY_LLM_PRETRAIN = dict(steps=120, batch_size=32, lr=1e-3)  # language only, on the world's sentences
@@ -151,8 +158,9 @@ def barrier():
 
 
 def prepare_shapes(cfg, rank):
-    """Generate the world and its tiny models (rank 0; the others wait), and point the config at them."""
-    root = cfg.shapes_root
+    """Generate the world and its tiny models (rank 0; the others wait), and point the config at them (absolute
+    paths, so a checkpoint is found from any working directory)."""
+    root = cfg.shapes_root = os.path.abspath(cfg.shapes_root)
     vision, llm = os.path.join(root, "models", "vision"), os.path.join(root, "models", "llm")
     if rank == 0:
         world = build_shapes_world(root, seed=cfg.seed)
@@ -167,10 +175,13 @@ def prepare_shapes(cfg, rank):
 
 
 def build_tiny_models(world, vision_dir, llm_dir, seed):
-    """A random tiny CLIP tower (frozen, like CLIP but untrained) and a tiny Llama that first learns the world's
-    language from text alone (the stand-in for Vicuna's pretraining; it never sees an image). Cached."""
+    """A tiny CLIP tower that first learns what is where (the stand-in for CLIP's pretraining; frozen from
+    then on) and a tiny Llama that first learns the world's language from text alone (the stand-in for Vicuna's
+    pretraining; it never sees an image). Cached."""
     with open(os.path.join(world["root"], "settings.json")) as f:
-        settings = dict(vision=TINY_VISION, llm=TINY_LLM, pretrain=TINY_LLM_PRETRAIN, seed=seed, world=json.load(f))
+        world_settings = json.load(f)
+    settings = dict(vision=TINY_VISION, vision_pretrain=TINY_VISION_PRETRAIN, llm=TINY_LLM,
+                    pretrain=TINY_LLM_PRETRAIN, seed=seed, world=world_settings)
     marker = os.path.join(llm_dir, "tiny_settings.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -178,9 +189,11 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
                 return
     torch.manual_seed(seed)
     side = TINY_VISION["image_size"]
-    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(vision_dir)
-    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
-        vision_dir)
+    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    pretrain_vision(tower, processor, seed, world_settings["max_objects"], **TINY_VISION_PRETRAIN)
+    tower.save_pretrained(vision_dir)
+    processor.save_pretrained(vision_dir)
     tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
     llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
@@ -189,6 +202,41 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
     tokenizer.save_pretrained(llm_dir)
     with open(marker, "w") as f:
         json.dump(settings, f)
+
+
+def pretrain_vision(tower, processor, seed, max_objects, images, steps, batch_size, lr):
+    """Each patch's shape, colour, row and column, classified from the features the MLLM reads (hidden_states[-2]), on
+    scenes of the world's generator from a seed of their own (no held-out image is seen). -> the loss of each step."""
+    config = tower.config
+    rng = random.Random(f"shapes-{seed}-tower")
+    scenes = [random_scene(rng, config.image_size, max_objects) for _ in range(images)]
+    pixels = processor(images=[draw_scene(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"]
+    labels = [patch_labels(s, config.image_size, config.patch_size) for s in scenes]
+    shape, colour = (torch.tensor(t) for t in zip(*labels))  # [images, G*G] each
+    grid = config.image_size // config.patch_size
+    row, column = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    sizes = (1 + len(SHAPES), 1 + len(COLOURS), grid, grid)
+    head = torch.nn.Linear(config.hidden_size, sum(sizes))
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, 0.03))
+    g = torch.Generator().manual_seed(seed)
+    tower.train()
+    losses = []
+    for step in (bar := tqdm(range(steps), desc="tiny CLIP, what is where")):
+        idx = torch.randint(images, (batch_size,), generator=g)
+        h = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # [B, G*G, d_v]
+        targets = (shape[idx], colour[idx], row.expand(batch_size, -1), column.expand(batch_size, -1))
+        loss = sum(F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                   for logits, y in zip(head(h).split(sizes, dim=-1), targets))
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    tower.eval()
+    return losses
 
 
 def pretrain_language(llm, tokenizer, text_path, steps, batch_size, lr):
@@ -325,7 +373,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
             raise ValueError(f"--qformer_init is for --projector qformer, not {cfg.projector}")
         model.projector.load_blip2(read_blip2(cfg.qformer_init), verbose=rank == 0)
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.activation_checkpointing_enable()  # non-reentrant by default
     if stage == "finetune" and cfg.pretrained_projector:
         load_trainable(model, os.path.join(cfg.pretrained_projector, WEIGHTS), prefix="projector.")
     model.to(device)
@@ -371,20 +419,26 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.projector} {stage}", disable=rank != 0)
     it, t0 = batches(step), time.time()
     model.train()
+    last_good = None
     while step < total_steps:
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = next(it)
+            batch, weight = next(it), 1.0
             if batch is None:  # every sample of this micro-batch was bad and skipped (--skip_bad_samples)
-                continue
+                if not dist.is_initialized():
+                    continue
+                if last_good is None:
+                    raise RuntimeError(f"rank {rank}: no usable sample in its first micro-batch of {stage}")
+                batch, weight = last_good, 0.0  # a pass that adds nothing but keeps DDP's all-reduce in step
+            last_good = batch
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if dist.is_initialized():
                 ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = ddp_model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  batch["pixel_values"])[0]
-            (loss / accum).backward()
-            loss_sum += loss.detach() / accum
+            (loss * weight / accum).backward()
+            loss_sum += loss.detach() * weight / accum
         if dist.is_initialized():
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if not torch.isfinite(loss_sum):
