@@ -414,6 +414,19 @@ def train_records(rng, objects, name, qa_turns):
     return pretrain, finetune, {"id": "text_" + rid, "conversations": text_turns}
 
 
+def text_document(rng, image_size, max_objects, task=None, questions=1):
+    """One document of the tiny LLM's language pretraining (train.py): a new scene's caption, then questions (of
+    `task`, or of random kinds) about it, each with its answer, without the system prompt or the answer-format
+    suffix."""
+    objects = random_scene(rng, image_size, max_objects)
+    tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]
+    lines = [caption(objects)]
+    for _ in range(questions):
+        q, a = ASK[task or rng.choice(tasks)](rng, objects, rng.random() < 0.5)[:2]
+        lines.append(q.replace(SHORT_ANSWER, "").replace(MC_SUFFIX, "") + " ASSISTANT: " + a)
+    return "\n".join(lines)
+
+
 def eval_records(rng, scenes):
     """One question per image per task; yes/no answers alternate so each file is exactly balanced."""
     out = {task: [] for task in TASKS}

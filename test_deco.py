@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -809,6 +810,29 @@ def test_tower_pretraining_teaches_the_tower():
         final[trained] = sum(losses[-10:]) / 10
         assert losses[0] > entropy and not tower.training
     assert final[True] < 0.3 * final[False] and final[False] < entropy
+
+
+def test_text_documents_answer_from_their_caption():
+    """The language pretraining's documents: the answer of each colour, shape and existence question is the one the
+    caption gives (read back from the caption's words, not from the generator's scene)."""
+    rng = random.Random("docs")
+    seen = set()
+    for _ in range(300):
+        doc = data.text_document(rng, 96, 3)
+        cap, rest = doc.split("\n", 1)
+        question, answer = rest.split(" ASSISTANT: ")
+        pairs = re.findall(r"a (\w+) (\w+) at the", cap)  # (colour, shape) of each object
+        assert 1 <= len(pairs) <= 3 and "Answer" not in question
+        if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+            assert answer == dict((s, c) for c, s in pairs)[m[1]]
+        elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+            assert answer == dict(pairs)[m[1]]
+        elif m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question):
+            assert answer == ("Yes" if (m[1], m[2]) in pairs else "No")
+        else:
+            continue
+        seen.add(question.split()[0] + question.split()[1])
+    assert len(seen) == 3
 
 
 def test_world_feeds_the_dataset(tmp_path, processor):
