@@ -199,6 +199,7 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
     tower.save_pretrained(vision_dir)
     processor.save_pretrained(vision_dir)
     tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    torch.manual_seed(seed)  # the LLM's start does not depend on the tower's size
     llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
