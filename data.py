@@ -414,17 +414,13 @@ def train_records(rng, objects, name, qa_turns):
     return pretrain, finetune, {"id": "text_" + rid, "conversations": text_turns}
 
 
-def text_document(rng, image_size, max_objects, task=None, questions=1):
-    """One document of the tiny LLM's language pretraining (train.py): a new scene's caption, then questions (of
-    `task`, or of random kinds) about it, each with its answer, without the system prompt or the answer-format
-    suffix."""
+def text_document(rng, image_size, max_objects, task=None):
+    """One document of the tiny LLM's language pretraining (train.py): a new scene's caption, then one question (of
+    `task`, or of a random kind) about it and its answer, without the system prompt or the answer-format suffix."""
     objects = random_scene(rng, image_size, max_objects)
     tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]
-    lines = [caption(objects)]
-    for _ in range(questions):
-        q, a = ASK[task or rng.choice(tasks)](rng, objects, rng.random() < 0.5)[:2]
-        lines.append(q.replace(SHORT_ANSWER, "").replace(MC_SUFFIX, "") + " ASSISTANT: " + a)
-    return "\n".join(lines)
+    q, a = ASK[task or rng.choice(tasks)](rng, objects, rng.random() < 0.5)[:2]
+    return caption(objects) + "\n" + q.replace(SHORT_ANSWER, "").replace(MC_SUFFIX, "") + " ASSISTANT: " + a
 
 
 def eval_records(rng, scenes):

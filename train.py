@@ -88,11 +88,11 @@ SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretr
                      lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
 # the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
 SHAPES_PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
-# the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). Three vision blocks: hidden_states[-2] is the
-# second block's output, the features the tower's pretraining shapes (after one block, avgpool's cells told a shape
-# 88% of the time, after two 96%, and shape questions went from 26% to 90%). initializer_range 0.1, not 0.02: the
-# frozen lm_head of a 128-wide model initialised at 0.02 cannot move its logits by more than a few units, and stage 2
-# stalls on one answer per kind
+# the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). Three vision blocks: hidden_states[-2] is
+# the second block's output, the features the tower's pretraining shapes (after one block a linear probe read a cell's
+# shape from avgpool's cells 88% of the time, after two 96%). initializer_range 0.1, not 0.02: the frozen lm_head of a
+# 128-wide model initialised at 0.02 cannot move its logits by more than a few units, and stage 2 stalls on one answer
+# per kind
 TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                    num_attention_heads=4)
 # CLIP's patches say what is where; a random tower's do not (after avgpool, a linear probe reads a cell's shape 40% of
@@ -100,9 +100,10 @@ TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_si
 TINY_VISION_PRETRAIN = dict(images=6000, steps=2000, batch_size=32, lr=3e-3)
 TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.1)
-# Vicuna can say which colour goes with which shape when a caption gives them as text; a tiny LLM learns that only
-# after a phase change (about 1,500 steps here) and only on short documents: inside the vicuna_v1 template, system
-# prompt and all, it had not learned it after 3,000. Without it, stage 2 had to learn it from images (README)
+# Vicuna can say which colour goes with which shape when a caption gives them as text. A tiny LLM learns some of it
+# (which varies with the seed) after a phase change, about 1,500 steps here, and only on short documents: inside the
+# vicuna_v1 template, system prompt and all, it had learned none of it after 3,000. What it has not learned from
+# text, stage 2 has to learn from images (README)
 TINY_LLM_PRETRAIN = dict(steps=3000, batch_size=32, lr=1e-3)
 
 
