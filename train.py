@@ -228,49 +228,50 @@ def pretrain_vision(tower, processor, seed, max_objects, images, steps, batch_si
     row, column = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
     sizes = (1 + len(SHAPES), 1 + len(COLOURS), grid, grid)
     head = torch.nn.Linear(config.hidden_size, sum(sizes))
-    params = list(tower.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, 0.03))
     g = torch.Generator().manual_seed(seed)
-    tower.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc="tiny CLIP, what is where")):
+
+    def batch_loss():
         idx = torch.randint(images, (batch_size,), generator=g)
         h = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # [B, G*G, d_v]
         targets = (shape[idx], colour[idx], row.expand(batch_size, -1), column.expand(batch_size, -1))
-        loss = sum(F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return sum(F.cross_entropy(logits.flatten(0, 1), y.flatten())
                    for logits, y in zip(head(h).split(sizes, dim=-1), targets))
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    tower.eval()
-    return losses
+
+    params = list(tower.parameters()) + list(head.parameters())
+    return short_pretraining(tower, params, steps, lr, "tiny CLIP, what is where", batch_loss)
 
 
 def pretrain_language(llm, tokenizer, seed, image_size, max_objects, steps, batch_size, lr):
     """Next-token prediction on short documents of the world's language (data.text_document), from a seed of their
     own: a caption, then a question about it and its answer. -> the loss of each step."""
     rng = random.Random(f"shapes-{seed}-text")
-    optimizer = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, 0.03))
-    llm.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc="tiny LLM, language only")):
+
+    def batch_loss():
         docs = [text_document(rng, image_size, max_objects) for _ in range(batch_size)]
         samples = [torch.tensor([tokenizer.bos_token_id] + tokenizer.encode(d, add_special_tokens=False)
                                 + [tokenizer.eos_token_id]) for d in docs]
         batch = collate([dict(input_ids=x, labels=x, pixel_values=None) for x in samples], tokenizer.pad_token_id, 1)
-        loss = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    return short_pretraining(llm, llm.parameters(), steps, lr, "tiny LLM, language only", batch_loss)
+
+
+def short_pretraining(model, params, steps, lr, desc, batch_loss):
+    """The tiny models' own pretraining: AdamW, 3% warmup then cosine, one batch_loss() a step; leaves the model in
+    eval mode. -> the loss of each step."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, 0.03))
+    model.train()
+    losses = []
+    for _ in (bar := tqdm(range(steps), desc=desc)):
+        loss = batch_loss()
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    llm.eval()
+    model.eval()
     return losses
 
 
