@@ -182,36 +182,46 @@ def prepare_shapes(cfg, rank):
 def build_tiny_models(world, vision_dir, llm_dir, seed):
     """A tiny CLIP tower that first learns what is where (the stand-in for CLIP's pretraining; frozen from
     then on) and a tiny Llama that first learns the world's language from text alone (the stand-in for Vicuna's
-    pretraining; it never sees an image). Cached."""
+    pretraining; it never sees an image). Each cached on its own, rebuilt when its settings change."""
     with open(os.path.join(world["root"], "settings.json")) as f:
         world_settings = json.load(f)
-    settings = dict(vision=TINY_VISION, vision_pretrain=TINY_VISION_PRETRAIN, llm=TINY_LLM,
-                    pretrain=TINY_LLM_PRETRAIN, seed=seed, world=world_settings)
-    marker = os.path.join(llm_dir, "tiny_settings.json")
+    side = TINY_VISION["image_size"]
+    settings = dict(vision=TINY_VISION, pretrain=TINY_VISION_PRETRAIN, seed=seed, world=world_settings)
+    if not cached(vision_dir, settings):
+        torch.manual_seed(seed)
+        tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        pretrain_vision(tower, processor, seed, world_settings["max_objects"], **TINY_VISION_PRETRAIN)
+        tower.save_pretrained(vision_dir)
+        processor.save_pretrained(vision_dir)
+        mark_cached(vision_dir, settings)
+    settings = dict(llm=TINY_LLM, pretrain=TINY_LLM_PRETRAIN, seed=seed, world=world_settings)
+    if not cached(llm_dir, settings):
+        tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+        torch.manual_seed(seed)
+        llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
+        check = language_check(llm, tokenizer, seed, side, world_settings["max_objects"])
+        print("tiny LLM, the caption given as text, first answer token right:",
+              ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in check.items()))
+        llm.save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
+        with open(os.path.join(llm_dir, "language_check.json"), "w") as f:
+            json.dump(check, f)
+        mark_cached(llm_dir, settings)
+
+
+def cached(folder, settings):
+    marker = os.path.join(folder, "tiny_settings.json")  # written last: a build cut short is rebuilt
     if os.path.isfile(marker):
         with open(marker) as f:
-            if json.load(f) == settings:
-                return
-    torch.manual_seed(seed)
-    side = TINY_VISION["image_size"]
-    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
-    processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    pretrain_vision(tower, processor, seed, world_settings["max_objects"], **TINY_VISION_PRETRAIN)
-    tower.save_pretrained(vision_dir)
-    processor.save_pretrained(vision_dir)
-    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
-    torch.manual_seed(seed)  # the LLM's start does not depend on the tower's size
-    llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
-    check = language_check(llm, tokenizer, seed, side, world_settings["max_objects"])
-    print("tiny LLM, the caption given as text, first answer token right:",
-          ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in check.items()))
-    llm.save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
-    with open(os.path.join(llm_dir, "language_check.json"), "w") as f:
-        json.dump(check, f)
-    with open(marker, "w") as f:
+            return json.load(f) == settings
+    return False
+
+
+def mark_cached(folder, settings):
+    with open(os.path.join(folder, "tiny_settings.json"), "w") as f:
         json.dump(settings, f)
 
 
