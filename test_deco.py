@@ -835,6 +835,33 @@ def test_text_documents_answer_from_their_caption():
     assert len(seen) == 3
 
 
+def test_tiny_models_cached_each_on_its_own(tmp_path, monkeypatch):
+    """A change to the LLM's pretraining rebuilds the LLM only; unchanged settings rebuild nothing; a build whose
+    marker was never written (cut short) is redone."""
+    monkeypatch.setattr(train, "TINY_VISION_PRETRAIN", dict(images=8, steps=2, batch_size=2, lr=1e-3))
+    monkeypatch.setattr(train, "TINY_LLM_PRETRAIN", dict(steps=2, batch_size=2, lr=1e-3))
+    w = data.build_shapes_world(tmp_path / "w", **SMALL)
+    vision, llm = str(tmp_path / "vision"), str(tmp_path / "llm")
+
+    def weights():
+        return [open(os.path.join(d, "model.safetensors"), "rb").read() for d in (vision, llm)]
+
+    train.build_tiny_models(w, vision, llm, seed=0)
+    first = weights()
+    calls = []
+    monkeypatch.setattr(train, "pretrain_vision", lambda *a, **k: calls.append("vision"))
+    original_language = train.pretrain_language
+    monkeypatch.setattr(train, "pretrain_language", lambda *a, **k: calls.append("llm") or original_language(*a, **k))
+    train.build_tiny_models(w, vision, llm, seed=0)
+    assert calls == [] and weights() == first
+    monkeypatch.setattr(train, "TINY_LLM_PRETRAIN", dict(steps=3, batch_size=2, lr=1e-3))
+    train.build_tiny_models(w, vision, llm, seed=0)
+    assert calls == ["llm"] and weights()[0] == first[0] and weights()[1] != first[1]
+    os.remove(os.path.join(llm, "tiny_settings.json"))
+    train.build_tiny_models(w, vision, llm, seed=0)
+    assert calls == ["llm", "llm"]
+
+
 def test_world_feeds_the_dataset(tmp_path, processor):
     from transformers import AutoTokenizer
     w = data.build_shapes_world(tmp_path, **SMALL)

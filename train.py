@@ -198,7 +198,7 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
     settings = dict(llm=TINY_LLM, pretrain=TINY_LLM_PRETRAIN, seed=seed, world=world_settings)
     if not cached(llm_dir, settings):
         tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the same start whether the tower was built in this call or cached
         llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
