@@ -252,7 +252,7 @@ def collate(batch, pad_id, image_size):
 # -----------------------------------------------------------------------------
 # the shapes world (SPEC section 8)
 
-WORLD_VERSION = 1  # bump whenever the generation below changes, so cached worlds are rebuilt
+WORLD_VERSION = 2  # bump whenever the generation below changes, so cached worlds are rebuilt
 BACKGROUND = (235, 235, 235)
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -260,6 +260,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 TASKS = ("colour", "shape", "count", "existence", "relpos", "mc", "grounding")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# one word per cell of the 3x3 layout, the scene written the way the 9 visual tokens show it (row-major, one token
+# each): the text stand-in for an image in the tiny LLM's language pretraining (train.py)
+CELL_WORDS = ["<empty>"] + [f"<{c}_{s}>" for c in sorted(COLOURS) for s in SHAPES]
 
 
 def random_scene(rng, image_size, max_objects):
@@ -316,6 +319,13 @@ def caption(objects):
     parts = [f"a {o['colour']} {o['shape']} at the {POSITIONS[o['cell']]}" for o in objects]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text + "."
+
+
+def cell_notation(objects):
+    words = ["<empty>"] * 9
+    for o in objects:
+        words[o["cell"]] = f"<{o['colour']}_{o['shape']}>"
+    return "".join(words)
 
 
 def box_text(box):
@@ -415,12 +425,15 @@ def train_records(rng, objects, name, qa_turns):
 
 
 def text_document(rng, image_size, max_objects, task=None):
-    """One document of the tiny LLM's language pretraining (train.py): a new scene's caption, then one question (of
-    `task`, or of a random kind) about it and its answer, without the system prompt or the answer-format suffix."""
+    """One document of the tiny LLM's language pretraining (train.py): a new scene in cell notation where the image
+    will be, then either its caption (stage 1's `plain` layout) or one `vicuna_v1` turn with a question (of `task`,
+    or of a random kind) and its answer (stage 2's layout)."""
     objects = random_scene(rng, image_size, max_objects)
+    if task is None and rng.random() < 0.3:
+        return cell_notation(objects) + caption(objects) + "\n"
     tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]
     q, a = ASK[task or rng.choice(tasks)](rng, objects, rng.random() < 0.5)[:2]
-    return caption(objects) + "\n" + q.replace(SHORT_ANSWER, "").replace(MC_SUFFIX, "") + " ASSISTANT: " + a
+    return SYSTEM + " USER: " + cell_notation(objects) + "\n" + q + " ASSISTANT: " + a
 
 
 def eval_records(rng, scenes):
@@ -449,6 +462,7 @@ def train_tokenizer(texts, vocab_size, path):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens(CELL_WORDS)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                       pad_token="<pad>", unk_token="<unk>")
     wrapped.save_pretrained(path)

@@ -812,17 +812,26 @@ def test_tower_pretraining_teaches_the_tower():
     assert final[True] < 0.3 * final[False] and final[False] < entropy
 
 
-def test_text_documents_answer_from_their_caption():
-    """The language pretraining's documents: the answer of each colour, shape and existence question is the one the
-    caption gives (read back from the caption's words, not from the generator's scene)."""
+def test_text_documents_answer_from_their_notation():
+    """The language pretraining's documents: nine cell words where the image will be, then the caption of those
+    cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose colour, shape and
+    existence answers are the ones the cell words give."""
     rng = random.Random("docs")
     seen = set()
     for _ in range(300):
         doc = data.text_document(rng, 96, 3)
-        cap, rest = doc.split("\n", 1)
-        question, answer = rest.split(" ASSISTANT: ")
-        pairs = re.findall(r"a (\w+) (\w+) at the", cap)  # (colour, shape) of each object
-        assert 1 <= len(pairs) <= 3 and "Answer" not in question
+        cells = re.findall(r"<(empty|(\w+)_(\w+))>", doc)
+        assert len(cells) == 9
+        pairs = [(c, s) for word, c, s in cells if word != "empty"]  # (colour, shape), row-major
+        where = [data.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
+        assert 1 <= len(pairs) <= 3
+        if not doc.startswith(data.SYSTEM):
+            assert re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", doc) == [
+                (c, s, w) for (c, s), w in zip(pairs, where)] and doc.endswith(".\n")
+            seen.add("caption")
+            continue
+        question, answer = doc.split(">\n", 1)[1].split(" ASSISTANT: ")
+        question = question.removesuffix(data.SHORT_ANSWER)
         if m := re.fullmatch(r"What colour is the (\w+)\?", question):
             assert answer == dict((s, c) for c, s in pairs)[m[1]]
         elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
@@ -832,7 +841,18 @@ def test_text_documents_answer_from_their_caption():
         else:
             continue
         seen.add(question.split()[0] + question.split()[1])
-    assert len(seen) == 3
+    assert len(seen) == 4
+
+
+def test_cell_words_are_single_tokens(tmp_path):
+    """Each of the 21 cell words is one token of the world's tokenizer, so the notation is 9 tokens like the 9
+    visual tokens."""
+    w = data.build_shapes_world(tmp_path / "w", **SMALL)
+    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = tok.encode(data.cell_notation(data.random_scene(rng, 96, 3)), add_special_tokens=False)
+        assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(data.CELL_WORDS)
 
 
 def test_tiny_models_cached_each_on_its_own(tmp_path, monkeypatch):

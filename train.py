@@ -100,11 +100,12 @@ TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_si
 TINY_VISION_PRETRAIN = dict(images=6000, steps=2000, batch_size=32, lr=3e-3)
 TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.1)
-# Vicuna can say which colour goes with which shape when a caption gives them as text. A tiny LLM learns some of it
-# (which varies with the seed) after a phase change, about 1,500 steps here, and only on short documents: inside the
-# vicuna_v1 template, system prompt and all, it had learned none of it after 3,000. What it has not learned from
-# text, stage 2 has to learn from images (README)
-TINY_LLM_PRETRAIN = dict(steps=3000, batch_size=32, lr=1e-3)
+# Vicuna can say which colour goes with which shape when the scene is given as text. A tiny LLM trained on captions
+# learned shape-from-colour but never colour-from-shape ("a red circle": the colour sits before the shape it must be
+# found by); on the scene written one word per cell (data.cell_notation), where each word carries both, it learns both
+# lookups, in the vicuna_v1 template, within 2,000 steps (README). What it has not learned from text, stage 2 has to
+# learn from images
+TINY_LLM_PRETRAIN = dict(steps=2000, batch_size=32, lr=1e-3)
 
 
 def parse_args(cls, argv):
@@ -203,7 +204,7 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
         check = language_check(llm, tokenizer, seed, side, world_settings["max_objects"])
-        print("tiny LLM, the caption given as text, first answer token right:",
+        print("tiny LLM, the scene given as cell words, first answer token right:",
               ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in check.items()))
         llm.save_pretrained(llm_dir)
         tokenizer.save_pretrained(llm_dir)
@@ -252,8 +253,8 @@ def pretrain_vision(tower, processor, seed, max_objects, images, steps, batch_si
 
 
 def pretrain_language(llm, tokenizer, seed, image_size, max_objects, steps, batch_size, lr):
-    """Next-token prediction on short documents of the world's language (data.text_document), from a seed of their
-    own: a caption, then a question about it and its answer. -> the loss of each step."""
+    """Next-token prediction on documents of the world's language (data.text_document), from a seed of their own: a
+    new scene in cell notation, then its caption or a vicuna_v1 question and answer. -> the loss of each step."""
     rng = random.Random(f"shapes-{seed}-text")
 
     def batch_loss():
@@ -287,8 +288,8 @@ def short_pretraining(model, params, steps, lr, desc, batch_loss):
 
 @torch.no_grad()
 def language_check(llm, tokenizer, seed, image_size, max_objects, n=200):
-    """Can the LLM read from a caption which colour goes with which shape? -> per question kind, how often its first
-    answer token is right on n new documents (a seed of their own)."""
+    """Can the LLM read from the cell notation which colour goes with which shape? -> per question kind, how often its
+    first answer token is right on n new documents (a seed of their own)."""
     rng = random.Random(f"shapes-{seed}-text-check")
     out = {}
     for task in ("colour", "shape", "existence"):
