@@ -252,7 +252,7 @@ def collate(batch, pad_id, image_size):
 # -----------------------------------------------------------------------------
 # the shapes world (SPEC section 8)
 
-WORLD_VERSION = 2  # bump whenever the generation below changes, so cached worlds are rebuilt
+WORLD_VERSION = 3  # bump whenever the generation below changes, so cached worlds are rebuilt
 BACKGROUND = (235, 235, 235)
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -407,7 +407,8 @@ ASK = dict(colour=ask_colour, shape=ask_shape, count=ask_count, existence=ask_ex
 
 
 def train_records(rng, objects, name, qa_turns):
-    """One pretrain (plain caption), one finetune (vicuna QA turns) and one text-only record for an image."""
+    """One pretrain (plain caption), one finetune (vicuna QA turns) and one text-only record for an image: the same
+    turns with the scene in cell notation where the image was."""
     rid = name[: -len(".png")]
     cap = caption(objects)
     tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]
@@ -420,7 +421,7 @@ def train_records(rng, objects, name, qa_turns):
     pretrain = {"id": rid, "image": name,
                 "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": cap}]}
     finetune = {"id": rid, "image": name, "conversations": conversations}
-    text_turns = [dict(t, value=t["value"].replace(IMAGE_TOKEN, cap)) for t in conversations]
+    text_turns = [dict(t, value=t["value"].replace(IMAGE_TOKEN, cell_notation(objects))) for t in conversations]
     return pretrain, finetune, {"id": "text_" + rid, "conversations": text_turns}
 
 
@@ -515,7 +516,7 @@ def build_shapes_world(root, seed=0, n_train=5000, n_eval=300, image_size=96, ma
     evals = eval_records(rng, scenes)
 
     write_json(paths["pretrain"], pretrain)
-    write_json(paths["finetune"], finetune)
+    write_json(paths["finetune"], finetune + text)  # stage 2 mixes in text-only conversations, as LLaVA-1.5 does
     write_json(paths["text"], text)
     for task, records in evals.items():
         with open(os.path.join(paths["eval_dir"], f"{task}.jsonl"), "w") as f:
@@ -523,9 +524,10 @@ def build_shapes_world(root, seed=0, n_train=5000, n_eval=300, image_size=96, ma
 
     # the pieces exactly as tokenize_conversation cuts them, so the merges fit " USER: ..." and " red"
     texts = [SYSTEM, "0123456789"] + [r["conversations"][1]["value"] + "\n" for r in pretrain]
-    for r in text:
+    for p, r in zip(pretrain, finetune):  # the caption where the image is: the cell words are added whole, after
         for t in r["conversations"]:
-            texts.append(" USER: " + t["value"] + " ASSISTANT:" if t["from"] == "human" else " " + t["value"])
+            value = t["value"].replace(IMAGE_TOKEN, p["conversations"][1]["value"])
+            texts.append(" USER: " + value + " ASSISTANT:" if t["from"] == "human" else " " + value)
     train_tokenizer(texts, vocab_size, paths["tokenizer"])
 
     write_json(settings_path, settings)

@@ -742,11 +742,13 @@ def test_world_is_deterministic_and_well_formed(tmp_path):
                                                                                                   "</s>"]
     for key, template in [("pretrain", "plain"), ("finetune", "vicuna_v1"), ("text", "vicuna_v1")]:
         records = json.load(open(a[key]))
-        assert len(records) == 20
+        assert len(records) == (40 if key == "finetune" else 20)  # stage 2: the image conversations, then as text
         for r in records:
             data.check_record(r, key)
             ids, labels = data.tokenize_conversation(tok, r["conversations"], template)
             assert tok.unk_token_id not in ids and any(label != X for label in labels)
+    finetune, text = json.load(open(a["finetune"])), json.load(open(a["text"]))
+    assert finetune[20:] == text and all("image" not in r and "image" in f for r, f in zip(text, finetune))
     ids = []
     for task in data.TASKS:
         for r in map(json.loads, open(os.path.join(a["eval_dir"], f"{task}.jsonl"))):

@@ -64,6 +64,7 @@ class TrainConfig:
     finetune_projector_lr: float = 2e-5
     micro_batch_size: int = 16  # per device; accumulation = global batch / (micro batch x world size)
     epochs: int = 1
+    finetune_epochs: int = 0  # stage 2's (and onestage's), when it differs from stage 1's; 0 = epochs
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
@@ -84,7 +85,8 @@ class TrainConfig:
 # the shapes world trains tiny models on a CPU: its own recipe where the command line names none. 9 visual tokens:
 # the 12x12 patch grid pooled to one token per cell of the world's 3x3 layout
 SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretrain_lr=1e-3, finetune_batch_size=16,
-                     finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=2, lora_r=128,
+                     finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=2, finetune_epochs=1,
+                     lora_r=128,
                      lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
 # the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
 SHAPES_PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
@@ -316,10 +318,10 @@ def lr_factor(step, total, warmup_ratio):
 
 
 def stage_recipe(cfg, stage):
-    """(data path, template, image mode, global batch) of a stage (SPEC sections 4 and 5)."""
+    """(data path, template, image mode, global batch, epochs) of a stage (SPEC sections 4 and 5)."""
     if stage == "pretrain":
-        return cfg.data_path, "plain", "crop", cfg.pretrain_batch_size
-    return cfg.finetune_data_path, "vicuna_v1", "pad", cfg.finetune_batch_size
+        return cfg.data_path, "plain", "crop", cfg.pretrain_batch_size, cfg.epochs
+    return cfg.finetune_data_path, "vicuna_v1", "pad", cfg.finetune_batch_size, cfg.finetune_epochs or cfg.epochs
 
 
 def param_groups(model, cfg, stage):
@@ -423,7 +425,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
         load_trainable(model, os.path.join(cfg.pretrained_projector, WEIGHTS), prefix="projector.")
     model.to(device)
 
-    data_path, template, image_mode, global_batch = stage_recipe(cfg, stage)
+    data_path, template, image_mode, global_batch, epochs = stage_recipe(cfg, stage)
     dataset = LlavaDataset(data_path, cfg.image_folder, tokenizer, processor, template, image_mode,
                            model.num_visual_tokens, cfg.max_length, skip_bad=cfg.skip_bad_samples)
     if global_batch % (cfg.micro_batch_size * world):
@@ -434,7 +436,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     has_image = [bool(r and "image" in r) for r in dataset.records] if cfg.group_by_modality else None
     usable = full_micro_batches(has_image, cfg.micro_batch_size) if has_image else len(dataset)
     steps_per_epoch = usable // global_batch
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = steps_per_epoch * epochs
     if total_steps == 0:
         raise ValueError(f"{data_path}: {len(dataset)} samples make no full global batch of {global_batch}")
 
@@ -451,7 +453,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     ddp_model = DDP(model) if dist.is_initialized() else model
 
     def batches(step):  # micro-batches from optimizer step `step` to the end
-        for epoch in range(step // steps_per_epoch, cfg.epochs):
+        for epoch in range(step // steps_per_epoch, epochs):
             start = (step % steps_per_epoch) * accum if epoch == step // steps_per_epoch else 0
             index_lists = micro_batches(len(dataset), epoch, start, cfg.micro_batch_size, world, rank,
                                         steps_per_epoch * accum, cfg.seed, has_image)
