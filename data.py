@@ -421,7 +421,8 @@ def train_records(rng, objects, name, qa_turns):
     pretrain = {"id": rid, "image": name,
                 "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": cap}]}
     finetune = {"id": rid, "image": name, "conversations": conversations}
-    text_turns = [dict(t, value=t["value"].replace(IMAGE_TOKEN, cell_notation(objects))) for t in conversations]
+    scene = cell_notation(objects)
+    text_turns = [dict(t, value=t["value"].replace(IMAGE_TOKEN, scene)) for t in conversations]
     return pretrain, finetune, {"id": "text_" + rid, "conversations": text_turns}
 
 
@@ -524,7 +525,8 @@ def build_shapes_world(root, seed=0, n_train=5000, n_eval=300, image_size=96, ma
 
     # the pieces exactly as tokenize_conversation cuts them, so the merges fit " USER: ..." and " red"
     texts = [SYSTEM, "0123456789"] + [r["conversations"][1]["value"] + "\n" for r in pretrain]
-    for p, r in zip(pretrain, finetune):  # the caption where the image is: the cell words are added whole, after
+    # the caption where the image is (the cell words are added whole afterwards, not merged)
+    for p, r in zip(pretrain, finetune):
         for t in r["conversations"]:
             value = t["value"].replace(IMAGE_TOKEN, p["conversations"][1]["value"])
             texts.append(" USER: " + value + " ASSISTANT:" if t["from"] == "human" else " " + value)

@@ -857,6 +857,14 @@ def test_cell_words_are_single_tokens(tmp_path):
         assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(data.CELL_WORDS)
 
 
+def test_finetune_epochs_from_the_command_line():
+    """--finetune_epochs gives stage 2 (and onestage) its own epochs; 0 leaves it at --epochs."""
+    cfg, _ = train.parse_args(train.TrainConfig, ["--epochs", "2", "--finetune_epochs=1"])
+    assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune", "onestage")] == [2, 1, 1]
+    cfg, _ = train.parse_args(train.TrainConfig, ["--epochs=3"])
+    assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune")] == [3, 3]
+
+
 def test_tiny_models_cached_each_on_its_own(tmp_path, monkeypatch):
     """A change to the LLM's pretraining rebuilds the LLM only; unchanged settings rebuild nothing; a build whose
     marker was never written (cut short) is redone."""

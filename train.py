@@ -86,8 +86,7 @@ class TrainConfig:
 # the 12x12 patch grid pooled to one token per cell of the world's 3x3 layout
 SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretrain_lr=1e-3, finetune_batch_size=16,
                      finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=2, finetune_epochs=1,
-                     lora_r=128,
-                     lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
+                     lora_r=128, lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
 # the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
 SHAPES_PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
 # the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). Three vision blocks: hidden_states[-2] is
