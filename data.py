@@ -252,13 +252,13 @@ def collate(batch, pad_id, image_size):
 # -----------------------------------------------------------------------------
 # the shapes world (SPEC section 8)
 
-WORLD_VERSION = 3  # bump whenever the generation below changes, so cached worlds are rebuilt
+WORLD_VERSION = 4  # bump whenever the generation below changes, so cached worlds are rebuilt
 BACKGROUND = (235, 235, 235)
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
            "purple": (150, 60, 190)}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-TASKS = ("colour", "shape", "count", "existence", "relpos", "mc", "grounding")
+TASKS = ("colour", "shape", "count", "existence", "position", "relpos", "mc", "grounding")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # one word per cell of the 3x3 layout, the scene written the way the 9 visual tokens show it (row-major, one token
 # each): the text stand-in for an image in the tiny LLM's language pretraining (train.py)
@@ -368,6 +368,12 @@ def ask_existence(rng, objects, yes):
     return f"Is there a {colour} {shape} in the image?" + SHORT_ANSWER, "Yes" if yes else "No"
 
 
+def ask_position(rng, objects, yes):
+    """The analogue of MME position and SEED instance location (the paper's Table 2): which cell of the 3x3 layout."""
+    o = rng.choice(objects)
+    return f"Where is the {o['colour']} {o['shape']}?" + SHORT_ANSWER, POSITIONS[o["cell"]]
+
+
 def ask_relpos(rng, objects, yes):
     """Only pairs in different columns (left) or rows (above); needs two objects."""
     a, b = rng.sample(objects, 2)
@@ -402,8 +408,8 @@ def ask_grounding(rng, objects, yes):
     return GROUNDING_PROMPT.format(ref=f"the {o['colour']} {o['shape']}"), box_text(o["box"]), o["box"]
 
 
-ASK = dict(colour=ask_colour, shape=ask_shape, count=ask_count, existence=ask_existence, relpos=ask_relpos,
-           mc=ask_mc, grounding=ask_grounding)
+ASK = dict(colour=ask_colour, shape=ask_shape, count=ask_count, existence=ask_existence, position=ask_position,
+           relpos=ask_relpos, mc=ask_mc, grounding=ask_grounding)
 
 
 def train_records(rng, objects, name, qa_turns):
@@ -431,6 +437,8 @@ def text_document(rng, image_size, max_objects, task=None):
     will be, then either its caption (stage 1's `plain` layout) or one `vicuna_v1` turn with a question (of `task`,
     or of a random kind) and its answer (stage 2's layout)."""
     objects = random_scene(rng, image_size, max_objects)
+    while task == "relpos" and len(objects) < 2:
+        objects = random_scene(rng, image_size, max_objects)
     if task is None and rng.random() < 0.3:
         return cell_notation(objects) + caption(objects) + "\n"
     tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]

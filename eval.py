@@ -189,8 +189,8 @@ def image_source(image, image_folder):
 # -----------------------------------------------------------------------------
 # the shapes-world evaluation (SPEC 8)
 
-HEADLINE = {"colour": "accuracy", "shape": "accuracy", "count": "accuracy", "existence": "f1", "relpos": "f1",
-            "mc": "accuracy", "grounding": "acc_iou50"}
+HEADLINE = {"colour": "accuracy", "shape": "accuracy", "count": "accuracy", "existence": "f1",
+            "position": "accuracy", "relpos": "f1", "mc": "accuracy", "grounding": "acc_iou50"}
 
 
 def score_shapes(task, records, answers):
@@ -198,7 +198,7 @@ def score_shapes(task, records, answers):
         raise ValueError(f"score_shapes({task}): {len(records)} records but {len(answers)} answers")
     n = len(records)
     mean = lambda xs: sum(xs) / n if n else 0.0
-    if task in ("colour", "shape", "count"):
+    if task in ("colour", "shape", "count", "position"):
         return dict(n=n, accuracy=mean([vqa_accuracy(a, [r["answer"]]) for r, a in zip(records, answers)]))
     if task in ("existence", "relpos"):
         preds = {r["question_id"]: a for r, a in zip(records, answers)}

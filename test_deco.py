@@ -3,6 +3,7 @@ Tests on tiny synthetic models, CPU only, nothing downloaded. Each checks behavi
 a formula, transformers' own implementation, or a case worked out by hand.
 """
 import filecmp
+import functools
 import json
 import math
 import os
@@ -769,6 +770,7 @@ def test_world_balance_and_answers(tmp_path):
         assert set(answers[t]) == {"Yes", "No"}
     assert set(answers["count"]) <= {"1", "2", "3"} and set(answers["mc"]) <= set("ABCD")
     assert set(answers["colour"]) <= set(data.COLOURS) and set(answers["shape"]) <= set(data.SHAPES)
+    assert set(answers["position"]) <= set(data.POSITIONS)
 
 
 def test_world_cache(tmp_path, monkeypatch):
@@ -816,8 +818,8 @@ def test_tower_pretraining_teaches_the_tower():
 
 def test_text_documents_answer_from_their_notation():
     """The language pretraining's documents: nine cell words where the image will be, then the caption of those
-    cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose colour, shape and
-    existence answers are the ones the cell words give."""
+    cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose colour, shape,
+    existence, position and grounding answers are the ones the cell words give."""
     rng = random.Random("docs")
     seen = set()
     for _ in range(300):
@@ -840,10 +842,17 @@ def test_text_documents_answer_from_their_notation():
             assert answer == dict(pairs)[m[1]]
         elif m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question):
             assert answer == ("Yes" if (m[1], m[2]) in pairs else "No")
+        elif m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+            assert answer == where[pairs.index((m[1], m[2]))]
+        elif question.startswith(data.GROUNDING_PROMPT.format(ref="")):
+            colour, shape = question.split()[-2:]
+            x1, y1, x2, y2 = map(float, answer.strip("[]").split(", "))
+            row, column = int(3 * (y1 + y2) / 2), int(3 * (x1 + x2) / 2)  # the box's centre lies in its cell
+            assert where[pairs.index((colour, shape))] == data.POSITIONS[3 * row + column]
         else:
             continue
         seen.add(question.split()[0] + question.split()[1])
-    assert len(seen) == 4
+    assert len(seen) == 6
 
 
 def test_cell_words_are_single_tokens(tmp_path):
@@ -870,6 +879,7 @@ def test_tiny_models_cached_each_on_its_own(tmp_path, monkeypatch):
     marker was never written (cut short) is redone."""
     monkeypatch.setattr(train, "TINY_VISION_PRETRAIN", dict(images=8, steps=2, batch_size=2, lr=1e-3))
     monkeypatch.setattr(train, "TINY_LLM_PRETRAIN", dict(steps=2, batch_size=2, lr=1e-3))
+    monkeypatch.setattr(train, "language_check", functools.partial(train.language_check, n=2))
     w = data.build_shapes_world(tmp_path / "w", **SMALL)
     vision, llm = str(tmp_path / "vision"), str(tmp_path / "llm")
 
@@ -878,6 +888,8 @@ def test_tiny_models_cached_each_on_its_own(tmp_path, monkeypatch):
 
     train.build_tiny_models(w, vision, llm, seed=0)
     first = weights()
+    check = json.load(open(os.path.join(llm, "language_check.json")))  # the LLM's score on each kind, from text
+    assert set(check) == set(data.TASKS) and all(0 <= v <= 1 for v in check.values())
     calls = []
     monkeypatch.setattr(train, "pretrain_vision", lambda *a, **k: calls.append("vision"))
     original_language = train.pretrain_language
@@ -1000,6 +1012,9 @@ def test_score_shapes():
     recs = [{"question_id": i, "answer": a} for i, a in enumerate(["red", "2", "blue"])]
     # "Red." == red, "Two" == 2, "green" != blue -> 2/3
     assert ev.score_shapes("colour", recs, ["Red.", "Two", "green"])["accuracy"] == pytest.approx(2 / 3)
+    recs = [{"question_id": i, "answer": a} for i, a in enumerate(["top left", "top", "center"])]
+    # "Top left." == top left; "top left" != top: a position is the whole phrase -> 2/3
+    assert ev.score_shapes("position", recs, ["Top left.", "top left", "center"])["accuracy"] == pytest.approx(2 / 3)
 
     recs = [{"question_id": i, "answer": a} for i, a in enumerate(["yes", "no", "yes", "no"])]
     # preds yes, yes, no, no: TP 1, FP 1, FN 1, TN 1 -> accuracy 0.5, p = r = f1 = 0.5, yes_ratio 0.5

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM)
 
-from data import (COLOURS, IGNORE_INDEX, SHAPES, LlavaDataset, build_shapes_world, collate, draw_scene, patch_labels,
-                  random_scene, text_document)
+from data import (COLOURS, IGNORE_INDEX, SHAPES, TASKS, LlavaDataset, build_shapes_world, collate, draw_scene,
+                  patch_labels, random_scene, text_document)
 from model import (CONFIG, WEIGHTS, build_model, load_trainable, parse_projector_options, read_blip2,
                    save_trainable)
 
@@ -289,17 +289,30 @@ def short_pretraining(model, params, steps, lr, desc, batch_loss):
 
 @torch.no_grad()
 def language_check(llm, tokenizer, seed, image_size, max_objects, n=200):
-    """Can the LLM read from the cell notation which colour goes with which shape? -> per question kind, how often its
-    first answer token is right on n new documents (a seed of their own)."""
+    """Can the LLM answer from the cell notation? -> per question kind, on n new documents (a seed of their own), how
+    often its first answer token is right, or where an answer is several tokens (position, grounding) how often its
+    greedy answer is, as eval.py scores it."""
+    from eval import box_iou, parse_box, vqa_accuracy  # here: eval.py imports this file for parse_args
     rng = random.Random(f"shapes-{seed}-text-check")
     out = {}
-    for task in ("colour", "shape", "existence"):
+    for task in (t for t in TASKS if t != "relpos" or max_objects > 1):
         right = 0
         for _ in range(n):
             prompt, answer = text_document(rng, image_size, max_objects, task).rsplit(" ASSISTANT: ", 1)
             ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt + " ASSISTANT:", add_special_tokens=False)
-            logits = llm(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
-            right += int(logits.argmax()) == tokenizer.encode(" " + answer, add_special_tokens=False)[0]
+            ids = torch.tensor([ids])
+            if task in ("position", "grounding"):
+                new = llm.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                if task == "position":
+                    right += vqa_accuracy(text, [answer])
+                else:
+                    box = parse_box(text)
+                    right += box is not None and box_iou(box, parse_box(answer)) >= 0.5
+            else:
+                logits = llm(input_ids=ids, logits_to_keep=1).logits[0, -1]
+                right += int(logits.argmax()) == tokenizer.encode(" " + answer, add_special_tokens=False)[0]
         out[task] = right / n
     return out
 
