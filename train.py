@@ -205,7 +205,7 @@ def build_tiny_models(world, vision_dir, llm_dir, seed):
                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
         check = language_check(llm, tokenizer, seed, side, world_settings["max_objects"])
-        print("tiny LLM, the scene given as cell words, first answer token right:",
+        print("tiny LLM answering from the scene as cell words (language_check):",
               ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in check.items()))
         llm.save_pretrained(llm_dir)
         tokenizer.save_pretrained(llm_dir)
