@@ -823,13 +823,16 @@ def test_text_documents_answer_from_their_notation():
     rng = random.Random("docs")
     seen = set()
     for _ in range(300):
-        doc = data.text_document(rng, 96, 3)
+        prompt, answer = data.text_document(rng, 96, 3)
+        doc = prompt + answer
         cells = re.findall(r"<(empty|(\w+)_(\w+))>", doc)
         assert len(cells) == 9
         pairs = [(c, s) for word, c, s in cells if word != "empty"]  # (colour, shape), row-major
         where = [data.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
         assert 1 <= len(pairs) <= 3
         if not doc.startswith(data.SYSTEM):
+            assert prompt == data.cell_notation([dict(cell=k, colour=c, shape=sh)
+                                                 for k, (w, c, sh) in enumerate(cells) if w != "empty"])
             assert re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", doc) == [
                 (c, s, w) for (c, s), w in zip(pairs, where)] and doc.endswith(".\n")
             seen.add("caption")
@@ -853,6 +856,28 @@ def test_text_documents_answer_from_their_notation():
             continue
         seen.add(question.split()[0] + question.split()[1])
     assert len(seen) == 6
+
+
+def test_language_pretraining_supervises_what_stage_2_does(tmp_path):
+    """A vicuna_v1 document becomes the ids and labels data.tokenize_conversation gives the same turn in stage 2
+    (with the cell words where the image would be): only the answer and eos are supervised."""
+    w = data.build_shapes_world(tmp_path / "w", **SMALL)
+    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(40):
+        prompt, answer = data.text_document(rng, 96, 3)
+        sample = train.document_sample(tok, prompt, answer)
+        supervised = sample["labels"] != data.IGNORE_INDEX
+        assert tok.decode(sample["input_ids"][supervised]) == answer + tok.eos_token
+        if prompt.startswith(data.SYSTEM):
+            human = prompt.removeprefix(data.SYSTEM + " USER: ").removesuffix(" ASSISTANT:")
+            ids, labels = data.tokenize_conversation(tok, [{"from": "human", "value": human},
+                                                           {"from": "gpt", "value": answer.removeprefix(" ")}],
+                                                     "vicuna_v1")
+            assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+            checked += 1
+    assert checked > 20
 
 
 def test_cell_words_are_single_tokens(tmp_path):
