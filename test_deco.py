@@ -825,8 +825,9 @@ def test_text_documents_answer_from_their_notation():
     for _ in range(300):
         prompt, answer = data.text_document(rng, 96, 3)
         doc = prompt + answer
-        cells = re.findall(r"<(empty|(\w+)_(\w+))>", doc)
-        assert len(cells) == 9
+        words = re.findall(r"<([a-z_]+):(empty|(\w+)_(\w+))>", doc)
+        assert [w[0] for w in words] == [p.replace(" ", "_") for p in data.POSITIONS]  # each word names its cell
+        cells = [w[1:] for w in words]
         pairs = [(c, s) for word, c, s in cells if word != "empty"]  # (colour, shape), row-major
         where = [data.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
         assert 1 <= len(pairs) <= 3
@@ -881,14 +882,39 @@ def test_language_pretraining_supervises_what_stage_2_does(tmp_path):
 
 
 def test_cell_words_are_single_tokens(tmp_path):
-    """Each of the 21 cell words is one token of the world's tokenizer, so the notation is 9 tokens like the 9
-    visual tokens."""
+    """Each of the 189 cell words (9 cells x 21 contents) is one token of the world's tokenizer, so the notation is
+    9 tokens like the 9 visual tokens."""
     w = data.build_shapes_world(tmp_path / "w", **SMALL)
     tok = AutoTokenizer.from_pretrained(w["tokenizer"])
     rng = random.Random(0)
     for _ in range(20):
         ids = tok.encode(data.cell_notation(data.random_scene(rng, 96, 3)), add_special_tokens=False)
         assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(data.CELL_WORDS)
+    assert len(set(tok.convert_tokens_to_ids(data.CELL_WORDS))) == 9 * (1 + 4 * 5)
+
+
+def test_cell_word_embeddings_start_factorised(tmp_path):
+    """init_cell_words: moving a word to another cell changes its embedding by the same vector whatever is in the
+    cell; recolouring an object, by the same vector whatever its shape and cell; every other row is untouched."""
+    w = data.build_shapes_world(tmp_path / "w", **SMALL)
+    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    llm = LlamaForCausalLM(LlamaConfig(**train.TINY_LLM, vocab_size=len(tok)))
+    before = llm.get_input_embeddings().weight.detach().clone()
+    train.init_cell_words(llm, tok)
+    E = llm.get_input_embeddings().weight.detach()
+
+    def e(place, content):
+        return E[tok.convert_tokens_to_ids(f"<{place}:{content}>")]
+    for content in ("empty", "red_circle", "blue_cross"):
+        torch.testing.assert_close(e("top_left", content) - e("center", content), e("top_left", "green_square") -
+                                   e("center", "green_square"))
+    for place, shape in (("top", "circle"), ("bottom_right", "triangle")):
+        torch.testing.assert_close(e(place, f"red_{shape}") - e(place, f"yellow_{shape}"),
+                                   e("left", "red_cross") - e("left", "yellow_cross"))
+    assert not torch.allclose(e("top", "red_circle"), e("top", "red_square"))
+    others = torch.ones(len(tok), dtype=torch.bool)
+    others[tok.convert_tokens_to_ids(data.CELL_WORDS)] = False
+    assert torch.equal(E[others], before[others])
 
 
 def test_finetune_epochs_from_the_command_line():
