@@ -437,18 +437,17 @@ def train_records(rng, objects, name, qa_turns):
     return pretrain, finetune, {"id": "text_" + rid, "conversations": text_turns}
 
 
-def text_document(rng, image_size, max_objects, task=None):
+def text_document(rng, image_size, max_objects, task):
     """One document of the tiny LLM's language pretraining (train.py): a new scene in cell notation where the image
-    will be, then either its caption (stage 1's `plain` layout) or one `vicuna_v1` turn with a question (of `task`,
-    or of a random kind) and its answer (stage 2's layout). -> (prompt, answer); the document is prompt + answer, and
-    only the answer is supervised, as in stages 1 and 2."""
+    will be, then its caption (task "caption": stage 1's `plain` layout) or one `vicuna_v1` turn with a question of
+    `task` and its answer (stage 2's layout). -> (prompt, answer); the document is prompt + answer, and only the answer
+    is supervised, as in stages 1 and 2."""
     objects = random_scene(rng, image_size, max_objects)
     while task == "relpos" and len(objects) < 2:
         objects = random_scene(rng, image_size, max_objects)
-    if task is None and rng.random() < 0.3:
+    if task == "caption":
         return cell_notation(objects), caption(objects) + "\n"
-    tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]
-    q, a = ASK[task or rng.choice(tasks)](rng, objects, rng.random() < 0.5)[:2]
+    q, a = ASK[task](rng, objects, rng.random() < 0.5)[:2]
     return SYSTEM + " USER: " + cell_notation(objects) + "\n" + q + " ASSISTANT:", " " + a
 
 
