@@ -105,8 +105,9 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num
 # LLM trained on captions learned shape-from-colour but never colour-from-shape ("a red circle": the colour sits
 # before the shape it must be found by); on the scene written one word per cell (data.cell_notation), each word
 # carrying its content and its cell, with the loss on the answers only (document_sample), the words kept sums of a
-# colour, a shape and a place (cell_word_factors), it answers from text within 3,000 steps (README). What it has not
-# learned from text, stage 2 has to learn from images
+# colour, a shape and a place (cell_word_factors), after 3,000 steps it reads position and relative position from
+# text at 99-100% and colour at 100 / 83% (seeds 0 / 1, README). What it has not learned from text, stage 2 has to
+# learn from images
 TINY_LLM_PRETRAIN = dict(steps=3000, batch_size=32, lr=1e-3)
 # the documents' kinds, by weight: every caption already asks shape-from-colour and position of each object, so the
 # two lookups no caption asks, colour-from-shape and existence, get twice a question's share. With a mixture close to
