@@ -292,9 +292,10 @@ def pretrain_language(llm, tokenizer, seed, image_size, max_objects, steps, batc
     word = torch.full((len(tokenizer),), -1)
     word[ids] = torch.arange(len(ids))
     embed = llm.get_input_embeddings()
+    mix = {kind: w for kind, w in TINY_LLM_MIX.items() if kind != "relpos" or max_objects > 1}  # relpos needs two
 
     def batch_loss():
-        kinds = rng.choices(list(TINY_LLM_MIX), weights=list(TINY_LLM_MIX.values()), k=batch_size)
+        kinds = rng.choices(list(mix), weights=list(mix.values()), k=batch_size)
         samples = [document_sample(tokenizer, *text_document(rng, image_size, max_objects, kind)) for kind in kinds]
         batch = collate(samples, tokenizer.pad_token_id, 1)
         k = word[batch["input_ids"]]  # [B, T]: which cell word, -1 for any other token
