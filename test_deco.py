@@ -1285,6 +1285,18 @@ def test_training_loss_falls(world, tmp_path):
     assert losses[0] > 6 and sum(losses[-4:]) / 4 < losses[0] - 0.5
 
 
+def test_onestage_uses_and_saves_prism_weight_decay(world, tmp_path):
+    """--stage onestage is stage 2 alone with weight decay 0.1 (paper Table 3), unless --weight_decay is given; the
+    optimizer that ran and the saved config agree."""
+    for out, extra, wd in (("default", (), 0.1), ("given", ("--weight_decay=0.05",), 0.05)):
+        train.main(train_args(world, tmp_path / out, "--stage=onestage", "--epochs=1", *extra))
+        ckpt = tmp_path / out / "ckpt"
+        groups = torch.load(ckpt / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+        assert [g["weight_decay"] for g in groups] == [wd, wd]
+        saved = json.load(open(ckpt / "config.json"))
+        assert saved["weight_decay"] == wd and saved["stage"] == "finetune"
+
+
 def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
     """Both stages; a crash in stage 2 as step 6 is being saved (the last checkpoint is step 4), then --resume:
     the same final weights, and the log holds each step once."""

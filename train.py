@@ -65,7 +65,7 @@ class TrainConfig:
     micro_batch_size: int = 16  # per device; accumulation = global batch / (micro batch x world size)
     epochs: int = 1
     finetune_epochs: int = 0  # stage 2's (and onestage's), when it differs from stage 1's; 0 = epochs
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # 0.1 with --stage onestage, unless given
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     lora_r: int = 128
@@ -501,8 +501,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     if total_steps == 0:
         raise ValueError(f"{data_path}: {len(dataset)} samples make no full global batch of {global_batch}")
 
-    wd = 0.1 if cfg.stage == "onestage" else cfg.weight_decay  # PRISM's recipe for one stage (paper Table 3)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, stage), weight_decay=wd)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, stage), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_ratio))
     step = 0
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
@@ -579,6 +578,8 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
 
 def main(argv):
     cfg, given = parse_args(TrainConfig, argv)
+    if cfg.stage == "onestage" and "weight_decay" not in given:
+        cfg.weight_decay = 0.1  # PRISM's recipe for one stage (paper Table 3); in the config, so it is saved
     rank, world, device = setup_distributed()
     shapes = not cfg.data_path and not cfg.finetune_data_path
     if shapes:
