@@ -320,10 +320,19 @@ def patch_labels(objects, image_size, patch_size):
     return shape, colour
 
 
+def listed(parts):
+    return (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
+
+
 def caption(objects):
-    parts = [f"a {o['colour']} {o['shape']} at the {POSITIONS[o['cell']]}" for o in objects]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return text + "."
+    return listed([f"a {o['colour']} {o['shape']} at the {POSITIONS[o['cell']]}" for o in objects])
+
+
+def description(objects):
+    """The scene said the other way round, each colour after its shape: "the circle is red and the square is blue."
+    Only the tiny LLM's language pretraining reads it (text_document): a caption teaches which shape follows a colour,
+    a description which colour follows a shape, the lookup a colour question asks."""
+    return listed([f"the {o['shape']} is {o['colour']}" for o in objects])
 
 
 def cell_notation(objects):
@@ -439,14 +448,14 @@ def train_records(rng, objects, name, qa_turns):
 
 def text_document(rng, image_size, max_objects, task):
     """One document of the tiny LLM's language pretraining (train.py): a new scene in cell notation where the image
-    will be, then its caption (task "caption": stage 1's `plain` layout) or one `vicuna_v1` turn with a question of
-    `task` and its answer (stage 2's layout). -> (prompt, answer); the document is prompt + answer, and only the answer
-    is supervised, as in stages 1 and 2."""
+    will be, then its caption or its description (task "caption" or "description": stage 1's `plain` layout) or
+    one `vicuna_v1` turn with a question of `task` and its answer (stage 2's layout). -> (prompt, answer); the
+    document is prompt + answer, and only the answer is supervised, as in stages 1 and 2."""
     objects = random_scene(rng, image_size, max_objects)
     while task == "relpos" and len(objects) < 2:
         objects = random_scene(rng, image_size, max_objects)
-    if task == "caption":
-        return cell_notation(objects), caption(objects) + "\n"
+    if task in ("caption", "description"):
+        return cell_notation(objects), (caption if task == "caption" else description)(objects) + "\n"
     q, a = ASK[task](rng, objects, rng.random() < 0.5)[:2]
     return SYSTEM + " USER: " + cell_notation(objects) + "\n" + q + " ASSISTANT:", " " + a
 

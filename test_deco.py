@@ -817,13 +817,13 @@ def test_tower_pretraining_teaches_the_tower():
 
 
 def test_text_documents_answer_from_their_notation():
-    """The language pretraining's documents: nine cell words where the image will be, then the caption of those
-    cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose colour, shape,
-    existence, position and grounding answers are the ones the cell words give."""
+    """The language pretraining's documents: nine cell words where the image will be, then the caption or the
+    description of those cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose
+    colour, shape, existence, position and grounding answers are the ones the cell words give."""
     rng = random.Random("docs")
     seen = set()
     for _ in range(300):
-        prompt, answer = data.text_document(rng, 96, 3, rng.choice(["caption", *data.TASKS]))
+        prompt, answer = data.text_document(rng, 96, 3, rng.choice(["caption", "description", *data.TASKS]))
         doc = prompt + answer
         words = re.findall(r"<([a-z_]+):(empty|(\w+)_(\w+))>", doc)
         assert [w[0] for w in words] == [p.replace(" ", "_") for p in data.POSITIONS]  # each word names its cell
@@ -834,9 +834,15 @@ def test_text_documents_answer_from_their_notation():
         if not doc.startswith(data.SYSTEM):
             assert prompt == data.cell_notation([dict(cell=k, colour=c, shape=sh)
                                                  for k, (w, c, sh) in enumerate(cells) if w != "empty"])
-            assert re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", doc) == [
-                (c, s, w) for (c, s), w in zip(pairs, where)] and doc.endswith(".\n")
-            seen.add("caption")
+            assert doc.endswith(".\n")
+            if answer.startswith("a "):
+                assert re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", answer) == [
+                    (c, s, w) for (c, s), w in zip(pairs, where)]
+                seen.add("caption")
+            else:  # "the circle is red, the square is blue and ..."
+                assert re.fullmatch(r"the \w+ is \w+((, | and )the \w+ is \w+)*\.\n", answer)
+                assert re.findall(r"the (\w+) is (\w+)", answer) == [(s, c) for c, s in pairs]
+                seen.add("description")
             continue
         question, answer = doc.split(">\n", 1)[1].split(" ASSISTANT: ")
         question = question.removesuffix(data.SHORT_ANSWER)
@@ -856,7 +862,7 @@ def test_text_documents_answer_from_their_notation():
         else:
             continue
         seen.add(question.split()[0] + question.split()[1])
-    assert len(seen) == 6
+    assert len(seen) == 7
 
 
 def test_language_pretraining_supervises_what_stage_2_does(tmp_path):
@@ -867,7 +873,7 @@ def test_language_pretraining_supervises_what_stage_2_does(tmp_path):
     rng = random.Random(1)
     checked = 0
     for _ in range(40):
-        prompt, answer = data.text_document(rng, 96, 3, rng.choice(["caption", *data.TASKS]))
+        prompt, answer = data.text_document(rng, 96, 3, rng.choice(["caption", "description", *data.TASKS]))
         sample = train.document_sample(tok, prompt, answer)
         supervised = sample["labels"] != data.IGNORE_INDEX
         assert tok.decode(sample["input_ids"][supervised]) == answer + tok.eos_token
