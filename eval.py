@@ -4,6 +4,7 @@ Evaluation: the LLaVA-1.5 scorers (SPEC 6) and the shapes-world held-out evaluat
     python eval.py --ckpt out/avgpool                  # prints a table, writes out/avgpool/eval.json
     python eval.py --ckpt=out/avgpool --limit=50       # quick look: first 50 questions per task
     python eval.py --table out                         # one table of every out/<run>/eval.json
+    python eval.py --table out,out_seed1               # the same runs in two seeds: mean (lowest-highest)
     python eval.py --bars out/a,out/b --out bars.png   # their eval.json as grouped bars (PNG)
     python eval.py --ckpt out/avgpool --probe 3000     # linear probes: what the patches and visual tokens carry
     python eval.py --ckpt CKPT --bench pope --data_root playground/data/eval
@@ -46,7 +47,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     limit: int = 0            # > 0: only the first `limit` questions of each task
     device: str = ""          # default: cuda if available, else cpu
-    table: str = ""           # a folder of runs (out/): compare their eval.json in one markdown table, evaluate nothing
+    table: str = ""           # folders of runs, comma-separated (one per seed): their eval.json in one markdown table
     curves: str = ""          # run folders, comma-separated: plot their training loss (log.jsonl) into --out, a PNG
     probe: int = 0            # > 0: linear probes on this many fresh scenes of what the patches and tokens carry
     bars: str = ""            # run folders, comma-separated: bar chart of their eval.json headline metrics into --out
@@ -362,36 +363,54 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def compare_runs(root):
-    """One markdown table: a row per run folder under root that holds eval.json, with its projector, visual tokens
-    M and trainable projector parameters (from the checkpoint), each task's headline metric, and R-GAE's relevance
-    inside the box where `rgae.py --inside_box` wrote rgae_box.json."""
-    rows, tasks = [], []
-    for run in sorted(os.listdir(root)):
-        path = os.path.join(root, run)
-        if not os.path.isfile(os.path.join(path, "eval.json")):
-            continue
-        with open(os.path.join(path, "eval.json")) as f:
-            results = json.load(f)
-        with open(os.path.join(path, "ckpt", "config.json")) as f:
-            cfg = json.load(f)
-        with safe_open(os.path.join(path, "ckpt", "model.safetensors"), "pt") as f:
-            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("projector."))
-        box = os.path.join(path, "rgae_box.json")
-        if os.path.isfile(box):
-            with open(box) as f:
-                b = json.load(f)
-            results["relevance in box"] = dict(n=b["n"], accuracy=b["share_in_box"])
-        tasks += [t for t in results if t not in tasks]
-        rows.append((run, cfg["projector"], cfg["num_tokens"], params, results))
-    if not rows:
-        raise SystemExit(f"{root}: no run folder with an eval.json")
+def read_run(path):
+    """(projector, M, trainable projector parameters, results) of one run folder, or None where it holds no eval.json.
+    results gains R-GAE's relevance inside the box where `rgae.py --inside_box` wrote rgae_box.json."""
+    if not os.path.isfile(os.path.join(path, "eval.json")):
+        return None
+    with open(os.path.join(path, "eval.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(path, "ckpt", "config.json")) as f:
+        cfg = json.load(f)
+    with safe_open(os.path.join(path, "ckpt", "model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("projector."))
+    box = os.path.join(path, "rgae_box.json")
+    if os.path.isfile(box):
+        with open(box) as f:
+            b = json.load(f)
+        results["relevance in box"] = dict(n=b["n"], accuracy=b["share_in_box"])
+    return cfg["projector"], cfg["num_tokens"], params, results
+
+
+def compare_runs(roots):
+    """One markdown table: a row per run folder under the comma-separated roots that holds eval.json, with its
+    projector, visual tokens M, trainable projector parameters, each task's headline metric in %, and the relevance
+    inside the box. Several roots are the same runs under other seeds (out/compare,out/seed1/compare): a cell is
+    then the mean over the roots that hold the run, its lowest and highest value in brackets."""
+    runs, tasks = {}, []
+    for root in roots.split(","):
+        for name in sorted(os.listdir(root)):
+            run = read_run(os.path.join(root, name))
+            if run is not None:
+                runs.setdefault(name, []).append(run)
+                tasks += [t for t in run[3] if t not in tasks]
+    if not runs:
+        raise SystemExit(f"{roots}: no run folder with an eval.json")
+
+    def cell(values):
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{sum(values) / len(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
     header = [f"{t} ({HEADLINE[t]})" if t in HEADLINE else t for t in tasks]
-    lines = ["| run | projector | M | projector params | " + " | ".join(header) + " |",
-             "|" + " --- |" * (4 + len(tasks))]
-    for run, projector, m, params, results in rows:
-        cells = [f"{100 * results[t][HEADLINE.get(t, 'accuracy')]:.1f}" if t in results else "-" for t in tasks]
-        lines.append(f"| {run} | {projector} | {m} | {params:,} | " + " | ".join(cells) + " |")
+    lines = ["| run | projector | M | projector params | runs | " + " | ".join(header) + " |",
+             "|" + " --- |" * (5 + len(tasks))]
+    for name, seeds in runs.items():
+        projector, m, params, _ = seeds[0]
+        cells = [cell([100 * r[t][HEADLINE.get(t, "accuracy")] for *_, r in seeds if t in r]) for t in tasks]
+        lines.append(f"| {name} | {projector} | {m} | {params:,} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -447,8 +466,10 @@ def plot_bars(runs, path, size=(720, 360)):
             if v is not None:
                 top = H - pad - (H - pad - 40) * v
                 draw.rectangle([x0 + k * bar, top, x0 + (k + 1) * bar - 2, H - pad], fill=COLOURS[k % len(COLOURS)])
+    parts = [os.path.normpath(run).split(os.sep) for run in runs]
+    common = len(os.path.commonprefix(parts)) if len(runs) > 1 else 0
     for k, run in enumerate(runs):
-        name = "/".join(os.path.normpath(run).split(os.sep)[-2:])
+        name = "/".join(parts[k][min(common, len(parts[k]) - 1):])  # the part of each path that tells runs apart
         draw.text((pad + 170 * (k % 4), 4 + 12 * (k // 4)), name, fill=COLOURS[k % len(COLOURS)])
     draw.text((4, 36), "100%", fill="black")
     draw.text((4, H - pad - 10), "0%", fill="black")

@@ -1159,6 +1159,32 @@ def test_plot_bars_draws_each_runs_headline_metric(tmp_path):
     assert image.getpixel((300, 200)) == (255, 255, 255)  # the second run's bar: 0%, nothing drawn
 
 
+def test_compare_runs_averages_a_run_over_seeds(tmp_path):
+    from safetensors.torch import save_file
+    for root, colour, box in (("s0", 0.9, 0.2), ("s1", 0.6, None), ("s2", 0.75, 0.1)):
+        for name, projector in (("avg", "avgpool"), ("lin", "linear")):
+            run = tmp_path / root / name
+            (run / "ckpt").mkdir(parents=True)
+            (run / "ckpt" / "config.json").write_text(json.dumps(dict(projector=projector, num_tokens=9)))
+            save_file({"projector.0.weight": torch.zeros(4, 3), "projector.0.bias": torch.zeros(4),
+                       "llm.lora_A": torch.zeros(5, 5)}, str(run / "ckpt" / "model.safetensors"))
+            if name == "lin" and root != "s0":
+                continue  # a run that only one seed finished
+            (run / "eval.json").write_text(json.dumps(dict(colour=dict(n=1, accuracy=colour),
+                                                           existence=dict(n=1, f1=colour / 2, accuracy=0.0))))
+            if box is not None:
+                (run / "rgae_box.json").write_text(json.dumps(dict(n=1, share_in_box=box)))
+    (tmp_path / "s1" / "notes").mkdir()  # a folder without eval.json is no run
+    table = ev.compare_runs(",".join(str(tmp_path / r) for r in ("s0", "s1", "s2"))).splitlines()
+    assert table[0] == ("| run | projector | M | projector params | runs | colour (accuracy) | existence (f1) "
+                        "| relevance in box |")
+    # colour 90, 60, 75 -> mean 75; F1 half of it; relevance in box in two of the three seeds: 20 and 10
+    assert table[2] == "| avg | avgpool | 9 | 16 | 3 | 75.0 (60.0-90.0) | 37.5 (30.0-45.0) | 15.0 (10.0-20.0) |"
+    assert table[3] == "| lin | linear | 9 | 16 | 1 | 90.0 | 45.0 | 20.0 |"
+    with pytest.raises(SystemExit, match="no run folder"):
+        ev.compare_runs(str(tmp_path / "s1" / "notes"))
+
+
 def test_linear_probe_reads_what_the_features_hold():
     torch.manual_seed(0)
     blank = lambda images, return_tensors: {"pixel_values": torch.zeros(1, 3, 2, 2)}
