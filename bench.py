@@ -29,10 +29,11 @@ from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, C
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration)
 
 import rgae
-from data import (IGNORE_INDEX, WORLD_VERSION, LlavaDataset, build_shapes_world, collate, read_records,
-                  tokenize_conversation)
+from config import parse_args
+from data import IGNORE_INDEX, LlavaDataset, collate, read_records, tokenize_conversation
 from model import IMAGE_TOKEN_INDEX, build_model
-from train import SHAPES_RECIPE, TINY_LLM, TINY_VISION, full_micro_batches, micro_batches, parse_args
+from shapes import RECIPE, STAND_INS, TINY_LLM, TINY_VISION, WORLD_VERSION, build_shapes_world
+from train import full_micro_batches, micro_batches
 
 CONFIGS = {  # (vision tower, LLM, M for the compressing projectors)
     "tiny": (TINY_VISION, TINY_LLM, 36),
@@ -254,10 +255,10 @@ def shapes_world(root, tmp):
 
 def bench_loader(world, cfg, device):
     """Samples/s of LlavaDataset + collate read through a DataLoader as train.py does, per number of workers."""
-    side, micro = TINY_VISION["image_size"], SHAPES_RECIPE["micro_batch_size"]
-    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    side, micro = TINY_VISION["image_size"], RECIPE["micro_batch_size"]
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(STAND_INS, "llm"))
     dataset = LlavaDataset(world["finetune"], world["image_folder"], tokenizer, clip_processor(side), "vicuna_v1",
-                           "pad", SHAPES_RECIPE["num_tokens"], SHAPES_RECIPE["max_length"])
+                           "pad", RECIPE["num_tokens"], RECIPE["max_length"])
     index_lists = [list(range(k, min(k + micro, cfg.loader_samples))) for k in range(0, cfg.loader_samples, micro)]
     rows = []
     for workers in (0, cfg.num_workers):
@@ -274,7 +275,7 @@ def bench_loader(world, cfg, device):
 def sampler_records(world, n):
     """has_image and the token count (the image placeholder counted once) of n records: the world's finetune
     records with text-only ones mixed in at LLaVA-665k's share."""
-    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(STAND_INS, "llm"))
     n_text = round(n * LLAVA_TEXT_ONLY)
     records = read_records(world["finetune"])[:n - n_text] + read_records(world["text"])[:n_text]
     counts = [len(tokenize_conversation(tokenizer, r["conversations"], "vicuna_v1")[0]) for r in records]
@@ -292,10 +293,10 @@ def bench_sampler(world, cfg):
     by length): micro-batches mixing the modalities, padding after the splice (and the truncation to max_length)
     with the shapes world's M and with all N patches (linear), the share of samples an epoch uses, and the time to
     draw an epoch's index lists at LLaVA-665k's size."""
-    micro = SHAPES_RECIPE["micro_batch_size"]
+    micro = RECIPE["micro_batch_size"]
     has_image, counts = sampler_records(world, cfg.sampler_samples)
-    spliced = {M: [min(c + (M - 1 if image else 0), SHAPES_RECIPE["max_length"]) for c, image in zip(counts, has_image)]
-               for M in (SHAPES_RECIPE["num_tokens"], (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2)}
+    spliced = {M: [min(c + (M - 1 if image else 0), RECIPE["max_length"]) for c, image in zip(counts, has_image)]
+               for M in (RECIPE["num_tokens"], (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2)}
     large = (torch.rand(665298, generator=torch.Generator().manual_seed(0)) >= LLAVA_TEXT_ONLY).tolist()
     rows = []
     for name, grouped in (("shuffle", False), ("grouped", True)):

@@ -1,12 +1,11 @@
 """
-Evaluation: the LLaVA-1.5 scorers (SPEC 6) and the shapes-world held-out evaluation (SPEC 8).
+Evaluation: LLaVA-1.5's scorers and benchmarks, and the held-out question files of the shapes world (shapes.py).
 
     python eval.py --ckpt out/avgpool                  # prints a table, writes out/avgpool/eval.json
     python eval.py --ckpt=out/avgpool --limit=50       # quick look: first 50 questions per task
     python eval.py --table out                         # one table of every out/<run>/eval.json
     python eval.py --table out,out_seed1               # the same runs in two seeds: mean (lowest-highest)
     python eval.py --bars out/a,out/b --out bars.png   # their eval.json as grouped bars (PNG)
-    python eval.py --ckpt out/avgpool --probe 3000     # linear probes: what the patches and visual tokens carry
     python eval.py --ckpt CKPT --bench pope --data_root playground/data/eval
                                                        # a benchmark of the paper in LLaVA-1.5's layout: answers
                                                        # (resumable) and scores in CKPT/pope/
@@ -18,20 +17,18 @@ import io
 import json
 import math
 import os
-import random
 import re
 import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from tqdm import tqdm
 
 import data
+from config import parse_args
 from model import load_model
-from train import parse_args
 
 # -----------------------------------------------------------------------------
 # config
@@ -49,7 +46,6 @@ class EvalConfig:
     device: str = ""          # default: cuda if available, else cpu
     table: str = ""           # folders of runs, comma-separated (one per seed): their eval.json in one markdown table
     curves: str = ""          # run folders, comma-separated: plot their training loss (log.jsonl) into --out, a PNG
-    probe: int = 0            # > 0: linear probes on this many fresh scenes of what the patches and tokens carry
     bars: str = ""            # run folders, comma-separated: bar chart of their eval.json headline metrics into --out
     bench: str = ""           # a benchmark of the paper: pope vqav2 vizwiz textvqa gqa mme seed mmbench refcoco(+/g)
     data_root: str = ""       # LLaVA-1.5's ./playground/data/eval, laid out as its docs/Evaluation.md says
@@ -213,7 +209,7 @@ def score_shapes(task, records, answers):
         boxes = [parse_box(a) for a in answers]
         hits = [b is not None and box_iou(b, r["bbox"]) >= 0.5 for r, b in zip(records, boxes)]
         return dict(n=n, acc_iou50=mean(hits), unparseable=mean([b is None for b in boxes]))
-    raise ValueError(f"score_shapes: unknown task {task!r}; expected one of {data.TASKS}")
+    raise ValueError(f"score_shapes: unknown task {task!r}; expected one of {tuple(HEADLINE)}")
 
 
 def read_jsonl(path, fields=()):
@@ -248,9 +244,9 @@ def write_jsonl(path, rows):
 def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, out_path=None, batch_size=32,
                     max_new_tokens=32, limit=0):
     """Scores each {task}.jsonl found in eval_dir. With out_path: metrics JSON there, answers_{task}.jsonl beside it."""
-    tasks = [t for t in data.TASKS if os.path.exists(os.path.join(eval_dir, f"{t}.jsonl"))]
+    tasks = [t for t in HEADLINE if os.path.exists(os.path.join(eval_dir, f"{t}.jsonl"))]
     if not tasks:
-        raise ValueError(f"{eval_dir}: no question files ({', '.join(t + '.jsonl' for t in data.TASKS)})")
+        raise ValueError(f"{eval_dir}: no question files ({', '.join(t + '.jsonl' for t in HEADLINE)})")
     model.eval()
     results = {}
     for task in tasks:
@@ -270,89 +266,7 @@ def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, o
 
 
 # -----------------------------------------------------------------------------
-# what the visual tokens carry: linear probes on fresh shapes-world scenes
-
-
-def probe_scenes(image_processor, n, seed, image_size=96, max_objects=3):
-    """n new scenes of the world (a seed of their own, so none is a training image) -> pixel_values [n, 3, H, W]
-    and labels: each 3x3 cell's shape [n, 9] and colour [n, 9] (the last class: an empty cell), each shape's colour
-    [n, 4] (the last class: the shape is absent), each cell's box [n, 9, 4] (zeros where empty)."""
-    rng = random.Random(f"shapes-{seed}-probe")
-    colours = sorted(data.COLOURS)
-    pixels, shape, colour = [], torch.full((n, 9), len(data.SHAPES)), torch.full((n, 9), len(colours))
-    colour_of_shape, box = torch.full((n, len(data.SHAPES)), len(colours)), torch.zeros(n, 9, 4)
-    for i in range(n):
-        objects = data.random_scene(rng, image_size, max_objects)
-        pixels.append(image_processor(images=data.draw_scene(objects, image_size), return_tensors="pt")["pixel_values"])
-        for o in objects:
-            s, c = data.SHAPES.index(o["shape"]), colours.index(o["colour"])
-            shape[i, o["cell"]], colour[i, o["cell"]], colour_of_shape[i, s] = s, c, c
-            box[i, o["cell"]] = torch.tensor(o["box"])
-    return torch.cat(pixels), dict(shape=shape, colour=colour, colour_of_shape=colour_of_shape, box=box)
-
-
-# the probed labels and their class counts, the last class meaning none (an empty cell, an absent shape)
-PROBE_CLASSES = dict(shape=len(data.SHAPES) + 1, colour=len(data.COLOURS) + 1, colour_of_shape=len(data.COLOURS) + 1)
-
-
-def linear_probe(features, labels, steps=1000, lr=1e-3, weight_decay=1e-2, held_out=0.2):
-    """One Linear over the flattened features [n, K, D] -> every label of PROBE_CLASSES (cross-entropy), trained on
-    the first 80% of the scenes. Returns each label's held-out accuracy where it is not none: the cells' shape and
-    colour need to know where the objects are; the colour of each shape (the answer to "what colour is the
-    circle?") does not."""
-    x = features.flatten(1).float()
-    n, n_train = len(x), int(len(x) * (1 - held_out))
-    x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-5)
-    sizes = [labels[k].shape[1] * c for k, c in PROBE_CLASSES.items()]
-    head = torch.nn.Linear(x.shape[1], sum(sizes))
-    torch.nn.init.zeros_(head.weight)  # a convex problem: start at zero, so the same features give the same probe
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def logits(rows):  # {label: [rows, k, classes]}
-        parts = head(x[rows]).split(sizes, -1)
-        return {k: p.view(len(rows), -1, c) for (k, c), p in zip(PROBE_CLASSES.items(), parts)}
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        rows = torch.randint(n_train, (min(256, n_train),), generator=g)
-        loss = sum(F.cross_entropy(z.flatten(0, 1), labels[k][rows].flatten()) for k, z in logits(rows).items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    test = torch.arange(n_train, n)
-    with torch.no_grad():
-        out = logits(test)
-    scores = {}
-    for k, c in PROBE_CLASSES.items():
-        truth = labels[k][test]
-        scores[k] = (out[k].argmax(-1) == truth)[truth < c - 1].float().mean().item()
-    return dict(n_cells=int((labels["shape"][test] < len(data.SHAPES)).sum()), **scores)
-
-
-def cell_box_baseline(labels, held_out=0.2):
-    """Acc@IoU>=0.5 of answering every grounding question with the mean box of the object's cell (over the first 80%
-    of the scenes): what naming the right cell alone scores."""
-    box, occupied = labels["box"], labels["shape"] < len(data.SHAPES)
-    n_train = int(len(box) * (1 - held_out))
-    mean_box = (box[:n_train] * occupied[:n_train, :, None]).sum(0) / occupied[:n_train].sum(0).clamp(min=1)[:, None]
-    hits = [box_iou(mean_box[c].tolist(), box[i, c].tolist()) >= 0.5
-            for i in range(n_train, len(box)) for c in range(9) if occupied[i, c]]
-    return sum(hits) / len(hits)
-
-
-def probe_model(model, image_processor, n=3000, seed=0, image_size=96, max_objects=3, batch_size=100):
-    """Linear probes of what the frozen tower's patch features [N, d_v] and the projector's visual tokens
-    [M, d_llm] carry about each cell of n fresh scenes, and the grounding score of naming the right cell."""
-    pixel_values, labels = probe_scenes(image_processor, n, seed, image_size, max_objects)
-    device = next(model.projector.parameters()).device
-    patches, tokens = [], []
-    with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc="probe features", unit="batch"):
-            x = model.patch_features(pixel_values[start:start + batch_size].to(device))  # [b, N, d_v]
-            patches.append(x.cpu())
-            tokens.append(model.projector(x).cpu())  # [b, M, d_llm]
-    return dict(patches=linear_probe(torch.cat(patches), labels), tokens=linear_probe(torch.cat(tokens), labels),
-                cell_box_iou50=cell_box_baseline(labels))
+# tables and plots over runs
 
 
 def format_table(results):
@@ -1029,22 +943,6 @@ def main(argv):
         scores = run_benchmark(model, tokenizer, image_processor, bench, cfg)
         print(format_scores(bench["name"], scores))
         print(f"wrote {os.path.join(cfg.out or cfg.ckpt, bench['name'], 'scores.json')}")
-        return
-    if cfg.probe:
-        settings = os.path.join(train_cfg.get("shapes_root", "data/shapes"), "settings.json")
-        with open(settings) as f:
-            world = json.load(f)
-        results = probe_model(model, image_processor, cfg.probe, world["seed"], world["image_size"],
-                              world["max_objects"])
-        for name in ("patches", "tokens"):
-            r = results[name]
-            print(f"{name:<8} cells: shape {100 * r['shape']:.1f}%, colour {100 * r['colour']:.1f}%  "
-                  f"colour of each shape {100 * r['colour_of_shape']:.1f}%  ({r['n_cells']} held-out objects)")
-        print(f"grounding by the mean box of the right cell: Acc@IoU>=0.5 {100 * results['cell_box_iou50']:.1f}%")
-        out_path = cfg.out or os.path.join(cfg.ckpt, "probe.json")
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {out_path}")
         return
     eval_dir, image_folder = shapes_paths(cfg, train_cfg)
     out_path = cfg.out or os.path.join(cfg.ckpt, "eval.json")

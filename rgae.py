@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from config import parse_args
 from model import IMAGE_TOKEN_INDEX
 from projectors import record_attention
 
@@ -276,7 +277,6 @@ class RGAEConfig:
 def main(argv):
     from data import IMAGE_TOKEN, load_image, prompt_ids
     from model import load_model
-    from train import parse_args
     cfg, _ = parse_args(RGAEConfig, argv)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     model, tokenizer, processor, train_cfg = load_model(cfg.ckpt, attn_implementation="eager")

@@ -1,5 +1,5 @@
 """
-Train an MLLM the LLaVA-1.5 way (SPEC section 5), one plain loop under torchrun:
+Train an MLLM the LLaVA-1.5 way (the paper's section 4.1), one plain loop under torchrun:
 
   torchrun --standalone --nproc_per_node=1 train.py --projector avgpool          # the shapes world, CPU, minutes
   torchrun --nproc_per_node=8 train.py --projector avgpool \\
@@ -8,14 +8,12 @@ Train an MLLM the LLaVA-1.5 way (SPEC section 5), one plain loop under torchrun:
 
 Stage `pretrain` trains the projector on captions, stage `finetune` the projector and LoRA on conversations, `both`
 runs one then the other, `onestage` is the PRISM-style ablation (finetune only). With no data named, the embedded
-shapes world (SPEC section 8) is generated, its tiny models are built, both stages train, and the held-out
-questions are scored. Checkpoints hold what trains plus everything needed to resume exactly.
+shapes world (shapes.py) is written, its shipped stand-ins for CLIP and Vicuna are checked and loaded, both stages
+train, and the held-out questions are scored. Checkpoints hold what trains plus everything needed to resume exactly.
 """
 import dataclasses
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -23,14 +21,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
-                          LlamaForCausalLM)
 
-from data import (CELL_WORDS, COLOURS, IGNORE_INDEX, PLACES, SHAPES, TASKS, LlavaDataset, build_shapes_world,
-                  collate, draw_scene, patch_labels, random_scene, text_document)
+import shapes
+from config import lr_factor, parse_args
+from data import LlavaDataset, collate
+from eval import evaluate_shapes, plot_curves
 from model import (CONFIG, WEIGHTS, build_model, load_trainable, parse_projector_options, read_blip2,
                    save_trainable)
 
@@ -40,7 +37,7 @@ from model import (CONFIG, WEIGHTS, build_model, load_trainable, parse_projector
 
 @dataclass
 class TrainConfig:
-    # model; empty names mean the tiny models of the shapes world
+    # model; empty names mean the shapes world's stand-ins
     projector: str = "avgpool"  # linear | avgpool | maxpool | qformer | cabstractor | dabstractor
     num_tokens: int = 0  # M; 0 = the paper's compression (grid halved per side, 576 -> 144), N for linear
     projector_options: str = ""  # build_projector's options, e.g. "num_layers=4,hidden_size=512" for qformer
@@ -51,10 +48,11 @@ class TrainConfig:
     data_path: str = ""  # stage 1 captions, template plain
     finetune_data_path: str = ""  # stage 2 conversations, template vicuna_v1
     image_folder: str = ""
-    shapes_root: str = "data/shapes"
+    shapes_root: str = "data/shapes"  # where the shapes world is written
+    stand_ins: str = ""  # its tiny CLIP and Vicuna (vision/, llm/, provenance.json); "" = the shipped stand_ins/
     max_length: int = 2048  # after the visual tokens are inserted
     skip_bad_samples: bool = False
-    # stages and recipe (SPEC section 5)
+    # stages and recipe (the paper's section 4.1, LLaVA-1.5's hyper-parameters)
     stage: str = "both"  # pretrain | finetune | both | onestage
     pretrained_projector: str = ""  # stage-1 checkpoint to start stage 2 from ("both" sets it)
     pretrain_batch_size: int = 256  # global batch
@@ -82,73 +80,6 @@ class TrainConfig:
     evaluate: bool = True  # shapes world: score the held-out questions at the end
 
 
-# the shapes world trains tiny models on a CPU: its own recipe where the command line names none. 9 visual tokens:
-# the 12x12 patch grid pooled to one token per cell of the world's 3x3 layout
-SHAPES_RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretrain_lr=1e-3, finetune_batch_size=16,
-                     finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=2, finetune_epochs=1,
-                     lora_r=128, lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
-# the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
-SHAPES_PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
-# the tiny stand-ins for CLIP ViT-L/14-336 and Vicuna-7B (SPEC section 8). Three vision blocks: hidden_states[-2] is
-# the second block's output, the features the tower's pretraining shapes (after one block a linear probe read a cell's
-# shape from avgpool's cells 88% of the time, after two 96%). initializer_range 0.1, not 0.02: the frozen lm_head of a
-# 128-wide model initialised at 0.02 cannot move its logits by more than a few units, and stage 2 stalls on one answer
-# per kind
-TINY_VISION = dict(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                   num_attention_heads=4)
-# CLIP's patches say what is where; a random tower's do not (after avgpool, a linear probe reads a cell's shape 40% of
-# the time). The tiny tower learns it from the world's generator: what covers each patch, and where the patch is
-TINY_VISION_PRETRAIN = dict(images=6000, steps=2000, batch_size=32, lr=3e-3)
-TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.1)
-# Vicuna can say which colour goes with which shape, and where a thing is, when the scene is given as text. A tiny
-# LLM trained on captions learned shape-from-colour but never colour-from-shape ("a red circle": the colour sits
-# before the shape it must be found by); on the scene written one word per cell (data.cell_notation), each word
-# carrying its content and its cell, with the loss on the answers only (document_sample), the words kept sums of a
-# colour, a shape and a place (cell_word_factors), it reads what it reads from text one lookup after another, each
-# learned suddenly and at a step that varies with the seed: after 4,000 steps at seed 0 colour and existence 99.5%,
-# position 92.0%, relative position 85.5%; after 6,000, 100 / 100 / 97.5 / 91.5%, and in seeds 1 and 2 position
-# 94-100%, relative position 97.5-100% (README). What it has not learned from text, stage 2 has to learn from images
-TINY_LLM_PRETRAIN = dict(steps=6000, batch_size=32, lr=1e-3)
-# the documents' kinds, by weight. Every caption asks shape-from-colour ("a red" -> circle) and the place of each
-# object, and every description colour-from-shape ("the circle is" -> red: data.description), as English says things
-# both ways round; colour and existence questions, the lookups the LLM learned last, get twice a question's share.
-# Without descriptions, at 3,000 steps, the LLM read colour / existence from text 100 / 100% at seed 0 but 83.0 /
-# 91.0% at seed 1; with them, at 6,000 steps, 100 / 100, 99.5 / 100 and 100 / 100% in seeds 0, 1, 2 (README)
-TINY_LLM_MIX = dict(caption=1, description=1, colour=2, shape=1, count=1, existence=2, position=1, relpos=1, mc=1,
-                    grounding=1)
-TINY_LLM_VERSION = 5  # bump whenever pretrain_language changes, so cached LLMs are rebuilt
-
-
-def parse_args(cls, argv):
-    """`--key value` or `--key=value` for each field of the dataclass; a bare `--flag` sets a bool.
-    Returns the config and the set of names given."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values, i = {}, 0
-    while i < len(argv):
-        key, eq, val = argv[i].partition("=")
-        name = key[2:].replace("-", "_")
-        if not key.startswith("--") or name not in fields:
-            raise SystemExit(f"unknown argument {argv[i]!r}; options: {' '.join('--' + n for n in fields)}")
-        kind = type(fields[name].default)
-        if not eq:
-            bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
-            if bare and kind is not bool:
-                raise SystemExit(f"--{name} needs a value")
-            val, i = ("true", i) if bare else (argv[i + 1], i + 1)
-        if kind is bool:
-            if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise SystemExit(f"--{name} takes true or false, got {val!r}")
-            values[name] = val.lower() in ("true", "1", "yes")
-        else:
-            try:
-                values[name] = kind(val)
-            except ValueError:
-                raise SystemExit(f"--{name} takes a {kind.__name__}, got {val!r}")
-        i += 1
-    return cls(**values), set(values)
-
-
 # -----------------------------------------------------------------------------
 # distributed setup
 
@@ -172,217 +103,11 @@ def barrier():
 
 
 # -----------------------------------------------------------------------------
-# the shapes world: data and tiny models
-
-
-def prepare_shapes(cfg, rank):
-    """Generate the world and its tiny models (rank 0; the others wait), and point the config at them (absolute
-    paths, so a checkpoint is found from any working directory)."""
-    root = cfg.shapes_root = os.path.abspath(cfg.shapes_root)
-    vision, llm = os.path.join(root, "models", "vision"), os.path.join(root, "models", "llm")
-    if rank == 0:
-        world = build_shapes_world(root, seed=cfg.seed)
-        build_tiny_models(world, vision, llm, cfg.seed)
-    barrier()
-    world = build_shapes_world(root, seed=cfg.seed)  # cached: returns the paths
-    cfg.vision_tower = cfg.vision_tower or vision
-    cfg.llm = cfg.llm or llm
-    cfg.data_path, cfg.finetune_data_path = world["pretrain"], world["finetune"]
-    cfg.image_folder = world["image_folder"]
-    return world
-
-
-def build_tiny_models(world, vision_dir, llm_dir, seed):
-    """A tiny CLIP tower that first learns what is where (the stand-in for CLIP's pretraining; frozen from
-    then on) and a tiny Llama that first learns the world's language from text alone (the stand-in for Vicuna's
-    pretraining; it never sees an image). Each cached on its own, rebuilt when its settings change."""
-    with open(os.path.join(world["root"], "settings.json")) as f:
-        world_settings = json.load(f)
-    side = TINY_VISION["image_size"]
-    settings = dict(vision=TINY_VISION, pretrain=TINY_VISION_PRETRAIN, seed=seed, world=world_settings)
-    if not cached(vision_dir, settings):
-        torch.manual_seed(seed)
-        tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
-        processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        pretrain_vision(tower, processor, seed, world_settings["max_objects"], **TINY_VISION_PRETRAIN)
-        tower.save_pretrained(vision_dir)
-        processor.save_pretrained(vision_dir)
-        mark_cached(vision_dir, settings)
-    settings = dict(llm=TINY_LLM, pretrain=TINY_LLM_PRETRAIN, mix=TINY_LLM_MIX, version=TINY_LLM_VERSION, seed=seed,
-                    world=world_settings)
-    if not cached(llm_dir, settings):
-        tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
-        torch.manual_seed(seed)  # the same start whether the tower was built in this call or cached
-        llm = LlamaForCausalLM(LlamaConfig(**TINY_LLM, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        pretrain_language(llm, tokenizer, seed, side, world_settings["max_objects"], **TINY_LLM_PRETRAIN)
-        check = language_check(llm, tokenizer, seed, side, world_settings["max_objects"])
-        print("tiny LLM answering from the scene as cell words (language_check):",
-              ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in check.items()))
-        llm.save_pretrained(llm_dir)
-        tokenizer.save_pretrained(llm_dir)
-        with open(os.path.join(llm_dir, "language_check.json"), "w") as f:
-            json.dump(check, f)
-        mark_cached(llm_dir, settings)
-
-
-def cached(folder, settings):
-    marker = os.path.join(folder, "tiny_settings.json")  # written last: a build cut short is rebuilt
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            return json.load(f) == settings
-    return False
-
-
-def mark_cached(folder, settings):
-    with open(os.path.join(folder, "tiny_settings.json"), "w") as f:
-        json.dump(settings, f)
-
-
-def pretrain_vision(tower, processor, seed, max_objects, images, steps, batch_size, lr):
-    """Each patch's shape, colour, row and column, classified from the features the MLLM reads (hidden_states[-2]), on
-    scenes of the world's generator from a seed of their own (no held-out image is seen). -> the loss of each step."""
-    config = tower.config
-    rng = random.Random(f"shapes-{seed}-tower")
-    scenes = [random_scene(rng, config.image_size, max_objects) for _ in range(images)]
-    pixels = processor(images=[draw_scene(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"]
-    labels = [patch_labels(s, config.image_size, config.patch_size) for s in scenes]
-    shape, colour = (torch.tensor(t) for t in zip(*labels))  # [images, G*G] each
-    grid = config.image_size // config.patch_size
-    row, column = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
-    sizes = (1 + len(SHAPES), 1 + len(COLOURS), grid, grid)
-    head = torch.nn.Linear(config.hidden_size, sum(sizes))
-    g = torch.Generator().manual_seed(seed)
-
-    def batch_loss():
-        idx = torch.randint(images, (batch_size,), generator=g)
-        h = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # [B, G*G, d_v]
-        targets = (shape[idx], colour[idx], row.expand(batch_size, -1), column.expand(batch_size, -1))
-        return sum(F.cross_entropy(logits.flatten(0, 1), y.flatten())
-                   for logits, y in zip(head(h).split(sizes, dim=-1), targets))
-
-    params = list(tower.parameters()) + list(head.parameters())
-    return short_pretraining(tower, params, steps, lr, "tiny CLIP, what is where", batch_loss)
-
-
-def cell_word_factors(tokenizer):
-    """The 189 cell words as sums of 19 shared factors, one per colour, shape and place and one for an empty cell:
-    embedding = C @ factors, (E_colour + E_shape + E_place) / sqrt(3), or (sqrt(2) E_empty + E_place) / sqrt(3). A
-    pretrained LLM's "red", "circle" and "top left" mean the same wherever they occur, and the tower's features carry
-    the same three factors. -> (token ids [189], C [189, 19])."""
-    names = ["empty", *COLOURS, *SHAPES, *PLACES]
-    C = torch.zeros(len(CELL_WORDS), len(names))
-    for k, word in enumerate(CELL_WORDS):
-        place, _, content = word[1:-1].partition(":")
-        colour, _, shape = content.partition("_")
-        C[k, names.index(place)] = 1
-        if content == "empty":
-            C[k, 0] = 2 ** 0.5
-        else:
-            C[k, names.index(colour)] = C[k, names.index(shape)] = 1
-    return torch.tensor(tokenizer.convert_tokens_to_ids(CELL_WORDS)), C / 3 ** 0.5
-
-
-def pretrain_language(llm, tokenizer, seed, image_size, max_objects, steps, batch_size, lr):
-    """Next-token prediction on the answers of documents of the world's language (data.text_document), from a seed of
-    their own: a new scene in cell notation, then its caption, its description or a vicuna_v1 question and answer,
-    of kinds drawn by TINY_LLM_MIX. The cell words stay sums of their factors throughout (cell_word_factors), written
-    into the embedding table at the end: trained as 189 free words from the same start, the LLM read colour from text
-    67.5% of the time after 2,000 steps at seed 0, tied 90.0% (README). -> the loss of each step."""
-    rng = random.Random(f"shapes-{seed}-text")
-    ids, C = cell_word_factors(tokenizer)
-    factors = torch.nn.Parameter(torch.randn(C.shape[1], llm.config.hidden_size) * llm.config.initializer_range)
-    word = torch.full((len(tokenizer),), -1)
-    word[ids] = torch.arange(len(ids))
-    embed = llm.get_input_embeddings()
-    mix = {kind: w for kind, w in TINY_LLM_MIX.items() if kind != "relpos" or max_objects > 1}  # relpos needs two
-
-    def batch_loss():
-        kinds = rng.choices(list(mix), weights=list(mix.values()), k=batch_size)
-        samples = [document_sample(tokenizer, *text_document(rng, image_size, max_objects, kind)) for kind in kinds]
-        batch = collate(samples, tokenizer.pad_token_id, 1)
-        k = word[batch["input_ids"]]  # [B, T]: which cell word, -1 for any other token
-        x = torch.where(k[..., None] >= 0, (C @ factors)[k.clamp(min=0)], embed(batch["input_ids"]))  # [B, T, d]
-        return llm(inputs_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-
-    losses = short_pretraining(llm, [*llm.parameters(), factors], steps, lr, "tiny LLM, language only", batch_loss)
-    with torch.no_grad():
-        embed.weight[ids] = C @ factors
-    return losses
-
-
-def document_sample(tokenizer, prompt, answer):
-    """bos and the prompt unsupervised, then the answer and eos supervised: the token layout and the labels stage 2
-    gives the same turn. On whole documents (the scene's nine random words and the question in the loss too) the
-    LLM learned no colour lookup and no existence at seed 0 within 2,000 steps (README)."""
-    context = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
-    reply = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    return dict(input_ids=torch.tensor(context + reply), labels=torch.tensor([IGNORE_INDEX] * len(context) + reply),
-                pixel_values=None)
-
-
-def short_pretraining(model, params, steps, lr, desc, batch_loss):
-    """The tiny models' own pretraining: AdamW, 3% warmup then cosine, one batch_loss() a step; leaves the model in
-    eval mode. -> the loss of each step."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, 0.03))
-    model.train()
-    losses = []
-    for _ in (bar := tqdm(range(steps), desc=desc)):
-        loss = batch_loss()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses
-
-
-@torch.no_grad()
-def language_check(llm, tokenizer, seed, image_size, max_objects, n=200):
-    """Can the LLM answer from the cell notation? -> per question kind, on n new documents (a seed of their own), how
-    often its first answer token is right, or where an answer is several tokens (position, grounding) how often its
-    greedy answer is, as eval.py scores it."""
-    from eval import box_iou, parse_box, vqa_accuracy  # here: eval.py imports this file for parse_args
-    rng = random.Random(f"shapes-{seed}-text-check")
-    out = {}
-    for task in (t for t in TASKS if t != "relpos" or max_objects > 1):
-        right = 0
-        for _ in range(n):
-            prompt, answer = text_document(rng, image_size, max_objects, task)
-            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)])
-            if task in ("position", "grounding"):
-                new = llm.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                if task == "position":
-                    right += vqa_accuracy(text, [answer.strip()])
-                else:
-                    box = parse_box(text)
-                    right += box is not None and box_iou(box, parse_box(answer)) >= 0.5
-            else:
-                logits = llm(input_ids=ids, logits_to_keep=1).logits[0, -1]
-                right += int(logits.argmax()) == tokenizer.encode(answer, add_special_tokens=False)[0]
-        out[task] = right / n
-    return out
-
-
-# -----------------------------------------------------------------------------
 # optimisation
 
 
-def lr_factor(step, total, warmup_ratio):
-    # linear warmup over the first 3% of the steps, then cosine decay to 0 (SPEC section 5)
-    warmup = max(1, math.ceil(total * warmup_ratio))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def stage_recipe(cfg, stage):
-    """(data path, template, image mode, global batch, epochs) of a stage (SPEC sections 4 and 5)."""
+    """(data path, template, image mode, global batch, epochs) of a stage."""
     if stage == "pretrain":
         return cfg.data_path, "plain", "crop", cfg.pretrain_batch_size, cfg.epochs
     return cfg.finetune_data_path, "vicuna_v1", "pad", cfg.finetune_batch_size, cfg.finetune_epochs or cfg.epochs
@@ -579,41 +304,60 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
 # -----------------------------------------------------------------------------
 
 
+STAGES = {"both": ["pretrain", "finetune"], "pretrain": ["pretrain"], "finetune": ["finetune"], "onestage": ["finetune"]}
+PHASES = dict(pretrain="stage 1, pretrain: the projector alone, on captions (template plain)",
+              finetune="stage 2, finetune: the projector and LoRA, on conversations (template vicuna_v1)")
+
+
 def main(argv):
     cfg, given = parse_args(TrainConfig, argv)
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     if cfg.stage == "onestage" and "weight_decay" not in given:
         cfg.weight_decay = 0.1  # PRISM's recipe for one stage (paper Table 3); in the config, so it is saved
     rank, world, device = setup_distributed()
-    shapes = not cfg.data_path and not cfg.finetune_data_path
-    if shapes:
-        for k, v in SHAPES_RECIPE.items():
-            if k not in given and not (k == "num_tokens" and cfg.projector == "linear"):  # linear keeps all N
-                setattr(cfg, k, v)
-        if "projector_options" not in given:
-            cfg.projector_options = SHAPES_PROJECTOR_OPTIONS.get(cfg.projector, "")
-        world_paths = prepare_shapes(cfg, rank)
+    on_shapes = not cfg.data_path and not cfg.finetune_data_path
+    if on_shapes:
+        shapes.apply_recipe(cfg, given)
+        world_paths, provenance = shapes.use_world(cfg, rank, barrier)
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.projector)
     if rank == 0:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
-    stages = {"both": ["pretrain", "finetune"], "pretrain": ["pretrain"], "finetune": ["finetune"],
-              "onestage": ["finetune"]}
-    if cfg.stage not in stages:
-        raise SystemExit(f"--stage must be one of {', '.join(stages)}, got {cfg.stage!r}")
-    for stage in stages[cfg.stage]:
+    run_dirs = []
+    for stage in STAGES[cfg.stage]:
         # stage 1 of a two-stage run lives in out/<projector>/pretrain; the final model in out/<projector>
         run_dir = os.path.join(cfg.out_dir, "pretrain") if stage == "pretrain" and cfg.stage == "both" else cfg.out_dir
         os.makedirs(run_dir, exist_ok=True)
+        if rank == 0:
+            print(f"== {PHASES[stage]}")
         model, tokenizer, processor = train_stage(cfg, stage, run_dir, rank, world, device)
+        run_dirs.append(run_dir)
         if stage == "pretrain":
             cfg.pretrained_projector = os.path.join(run_dir, "ckpt")
-    if shapes and cfg.evaluate and rank == 0:
-        from eval import evaluate_shapes, format_table  # here: eval.py imports this file for parse_args
+    if on_shapes and cfg.evaluate and rank == 0:
+        print(f"== evaluation: the held-out questions of {world_paths['eval_dir']}")
         results = evaluate_shapes(model, tokenizer, processor, world_paths["eval_dir"], world_paths["image_folder"],
                                   out_path=os.path.join(cfg.out_dir, "eval.json"))
-        print(format_table(results))
+        from_text = provenance["language_check"] if provenance else {}
+        print(shapes.report(results, world_paths["eval_dir"], from_text))
+    if rank == 0:
+        logs = [os.path.join(d, "log.jsonl") for d in run_dirs]
+        plot_curves(logs, STAGES[cfg.stage], os.path.join(cfg.out_dir, "loss.png"))
+        print("wrote:\n" + "\n".join(f"  {path:<40} {what}" for path, what in written(cfg, run_dirs)))
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def written(cfg, run_dirs):
+    """(path, what) of everything a run leaves."""
+    out = [(os.path.join(d, "ckpt"), "checkpoint: trained weights, config, optimizer and RNG state") for d in run_dirs]
+    out += [(os.path.join(d, "log.jsonl"), "training log, one JSON line a step") for d in run_dirs]
+    out.append((os.path.join(cfg.out_dir, "loss.png"), "the loss of each stage"))
+    if os.path.isfile(os.path.join(cfg.out_dir, "eval.json")):
+        out += [(os.path.join(cfg.out_dir, "eval.json"), "scores of the held-out questions"),
+                (os.path.join(cfg.out_dir, "answers_*.jsonl"), "every answer, beside its question id")]
+    return out
 
 
 if __name__ == "__main__":
