@@ -540,6 +540,7 @@ def build_stand_ins(out, seed=0, world_root="data/shapes", vision_steps=TINY_VIS
     """The tokenizer (BPE over the world's texts, plus the cell words), the tower (pretrain_vision) and the LLM
     (pretrain_language) from scratch, into out/vision and out/llm with out/provenance.json. Built beside out and
     swapped in at the end, so a build cut short leaves the old folder as it was."""
+    commit = git_commit()  # now: the code that runs, whatever is edited while it runs
     world = build_shapes_world(world_root, seed=seed)
     image_size, max_objects = world["settings"]["image_size"], world["settings"]["max_objects"]
     if image_size != TINY_VISION["image_size"]:
@@ -573,7 +574,7 @@ def build_stand_ins(out, seed=0, world_root="data/shapes", vision_steps=TINY_VIS
 
     files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
     provenance = dict(
-        command=command or f"python shapes.py --stand_ins {out} --seed {seed}", commit=git_commit(),
+        command=command or f"python shapes.py --stand_ins {out} --seed {seed}", commit=commit,
         date=time.strftime("%Y-%m-%d"), seed=seed, torch=torch.__version__, transformers=transformers.__version__,
         settings=dict(vision=TINY_VISION, vision_pretrain=dict(TINY_VISION_PRETRAIN, steps=vision_steps),
                       llm=TINY_LLM, llm_pretrain=dict(TINY_LLM_PRETRAIN, steps=language_steps), mix=TINY_LLM_MIX,

@@ -3,12 +3,13 @@ Tests on tiny synthetic models, CPU only, nothing downloaded. Each checks behavi
 a formula, transformers' own implementation, or a case worked out by hand.
 """
 import filecmp
-import functools
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -22,11 +23,14 @@ from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, C
 import data
 import eval as ev
 import model as M
+import shapes
 import train
+from config import parse_args
 from data import IGNORE_INDEX as X, IMAGE_TOKEN_INDEX as IMG
 from projectors import build_projector
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STAND_IN_LLM = os.path.join(shapes.STAND_INS, "llm")  # the shipped stand-in Vicuna's tokenizer: the world's
 
 # -----------------------------------------------------------------------------
 # tiny parts, saved with save_pretrained and loaded back through from_pretrained like real ones
@@ -728,15 +732,14 @@ def files_of(root):
 
 
 def test_world_is_deterministic_and_well_formed(tmp_path):
-    a = data.build_shapes_world(tmp_path / "a", seed=1, **SMALL)
-    b = data.build_shapes_world(tmp_path / "b", seed=1, **SMALL)
+    a = shapes.build_shapes_world(tmp_path / "a", seed=1, **SMALL)
+    b = shapes.build_shapes_world(tmp_path / "b", seed=1, **SMALL)
     names = files_of(a["root"])
     assert names == files_of(b["root"]) and len([n for n in names if n.endswith(".png")]) == 25
     _, mismatch, errors = filecmp.cmpfiles(a["root"], b["root"], names, shallow=False)
     assert mismatch == [] and errors == []
 
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(a["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
     for text in ["[0.12, 0.34, 0.56, 0.78]", data.SYSTEM + " USER: What colour is the circle? ASSISTANT: red"]:
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.convert_ids_to_tokens([tok.pad_token_id, tok.bos_token_id, tok.eos_token_id]) == ["<pad>", "<s>",
@@ -751,7 +754,7 @@ def test_world_is_deterministic_and_well_formed(tmp_path):
     finetune, text = json.load(open(a["finetune"])), json.load(open(a["text"]))
     assert finetune[20:] == text and all("image" not in r and "image" in f for r, f in zip(text, finetune))
     ids = []
-    for task in data.TASKS:
+    for task in shapes.TASKS:
         for r in map(json.loads, open(os.path.join(a["eval_dir"], f"{task}.jsonl"))):
             assert r["category"] == task and "<image>" not in r["text"]
             assert os.path.exists(os.path.join(a["image_folder"], r["image"]))
@@ -762,23 +765,23 @@ def test_world_is_deterministic_and_well_formed(tmp_path):
 
 
 def test_world_balance_and_answers(tmp_path):
-    w = data.build_shapes_world(tmp_path, seed=0, n_train=0, n_eval=60)
+    w = shapes.build_shapes_world(tmp_path, seed=0, n_train=0, n_eval=60)
     answers = {t: [json.loads(line)["answer"] for line in open(os.path.join(w["eval_dir"], f"{t}.jsonl"))]
-               for t in data.TASKS}
+               for t in shapes.TASKS}
     for t in ("existence", "relpos"):
         assert abs(answers[t].count("Yes") - answers[t].count("No")) <= 1
         assert set(answers[t]) == {"Yes", "No"}
     assert set(answers["count"]) <= {"1", "2", "3"} and set(answers["mc"]) <= set("ABCD")
-    assert set(answers["colour"]) <= set(data.COLOURS) and set(answers["shape"]) <= set(data.SHAPES)
-    assert set(answers["position"]) <= set(data.POSITIONS)
+    assert set(answers["colour"]) <= set(shapes.COLOURS) and set(answers["shape"]) <= set(shapes.SHAPES)
+    assert set(answers["position"]) <= set(shapes.POSITIONS)
 
 
 def test_world_cache(tmp_path, monkeypatch):
-    data.build_shapes_world(tmp_path, **SMALL)
+    shapes.build_shapes_world(tmp_path, **SMALL)
     with monkeypatch.context() as m:
-        m.setattr(data, "draw_scene", lambda *a: pytest.fail("cached world was regenerated"))
-        data.build_shapes_world(tmp_path, **SMALL)
-    w = data.build_shapes_world(tmp_path, n_train=21, n_eval=4)
+        m.setattr(shapes, "draw_scene", lambda *a: pytest.fail("cached world was regenerated"))
+        shapes.build_shapes_world(tmp_path, **SMALL)
+    w = shapes.build_shapes_world(tmp_path, n_train=21, n_eval=4)
     assert len(json.load(open(w["pretrain"]))) == 21
     assert sorted(os.listdir(w["image_folder"]))[-1] == "train_00020.png"
     assert "eval_00004.png" not in os.listdir(w["image_folder"])  # the old world's files are gone
@@ -787,7 +790,7 @@ def test_world_cache(tmp_path, monkeypatch):
 
 def test_patch_labels_by_hand():
     square = dict(shape="square", colour="red", xy=(8, 0), size=16)
-    shape, colour = data.patch_labels([square], image_size=32, patch_size=8)
+    shape, colour = shapes.patch_labels([square], image_size=32, patch_size=8)
     # 4x4 patches, centres at 4, 12, 20, 28 px: the square's [8, 24) x [0, 16) covers columns 1-2 of rows 0-1
     covered = {1, 2, 5, 6}
     assert shape == [2 if i in covered else 0 for i in range(16)]  # 1 + SHAPES.index("square")
@@ -799,7 +802,7 @@ def test_tower_pretraining_teaches_the_tower():
     below what the same head reaches on the random tower left frozen: the tower itself learned what is where."""
     side, patch = 48, 8
     rng = random.Random("another seed")
-    labels = [data.patch_labels(data.random_scene(rng, side, 3), side, patch) for _ in range(500)]
+    labels = [shapes.patch_labels(shapes.random_scene(rng, side, 3), side, patch) for _ in range(500)]
     entropy = 2 * math.log(side // patch)  # row and column: uniform
     for column in zip(*labels):  # shape, colour
         p = torch.bincount(torch.tensor(column).flatten()).float()
@@ -809,7 +812,7 @@ def test_tower_pretraining_teaches_the_tower():
     for trained in (True, False):
         torch.manual_seed(0)
         tower = CLIPVisionModel(tiny_vision_config(image_size=side, patch_size=patch)).requires_grad_(trained)
-        losses = train.pretrain_vision(tower, clip_processor(side), seed=0, max_objects=3, images=256, steps=300,
+        losses = shapes.pretrain_vision(tower, clip_processor(side), seed=0, max_objects=3, images=256, steps=300,
                                        batch_size=16, lr=3e-3)
         final[trained] = sum(losses[-10:]) / 10
         assert losses[0] > entropy and not tower.training
@@ -823,16 +826,16 @@ def test_text_documents_answer_from_their_notation():
     rng = random.Random("docs")
     seen = set()
     for _ in range(300):
-        prompt, answer = data.text_document(rng, 96, 3, rng.choice(["caption", "description", *data.TASKS]))
+        prompt, answer = shapes.text_document(rng, 96, 3, rng.choice(["caption", "description", *shapes.TASKS]))
         doc = prompt + answer
         words = re.findall(r"<([a-z_]+):(empty|(\w+)_(\w+))>", doc)
-        assert [w[0] for w in words] == [p.replace(" ", "_") for p in data.POSITIONS]  # each word names its cell
+        assert [w[0] for w in words] == [p.replace(" ", "_") for p in shapes.POSITIONS]  # each word names its cell
         cells = [w[1:] for w in words]
         pairs = [(c, s) for word, c, s in cells if word != "empty"]  # (colour, shape), row-major
-        where = [data.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
+        where = [shapes.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
         assert 1 <= len(pairs) <= 3
         if not doc.startswith(data.SYSTEM):
-            assert prompt == data.cell_notation([dict(cell=k, colour=c, shape=sh)
+            assert prompt == shapes.cell_notation([dict(cell=k, colour=c, shape=sh)
                                                  for k, (w, c, sh) in enumerate(cells) if w != "empty"])
             assert doc.endswith(".\n")
             if answer.startswith("a "):
@@ -858,23 +861,22 @@ def test_text_documents_answer_from_their_notation():
             colour, shape = question.split()[-2:]
             x1, y1, x2, y2 = map(float, answer.strip("[]").split(", "))
             row, column = int(3 * (y1 + y2) / 2), int(3 * (x1 + x2) / 2)  # the box's centre lies in its cell
-            assert where[pairs.index((colour, shape))] == data.POSITIONS[3 * row + column]
+            assert where[pairs.index((colour, shape))] == shapes.POSITIONS[3 * row + column]
         else:
             continue
         seen.add(question.split()[0] + question.split()[1])
     assert len(seen) == 7
 
 
-def test_language_pretraining_supervises_what_stage_2_does(tmp_path):
+def test_language_pretraining_supervises_what_stage_2_does():
     """A vicuna_v1 document becomes the ids and labels data.tokenize_conversation gives the same turn in stage 2
     (with the cell words where the image would be): only the answer and eos are supervised."""
-    w = data.build_shapes_world(tmp_path / "w", **SMALL)
-    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
     rng = random.Random(1)
     checked = 0
     for _ in range(40):
-        prompt, answer = data.text_document(rng, 96, 3, rng.choice(["caption", "description", *data.TASKS]))
-        sample = train.document_sample(tok, prompt, answer)
+        prompt, answer = shapes.text_document(rng, 96, 3, rng.choice(["caption", "description", *shapes.TASKS]))
+        sample = shapes.document_sample(tok, prompt, answer)
         supervised = sample["labels"] != data.IGNORE_INDEX
         assert tok.decode(sample["input_ids"][supervised]) == answer + tok.eos_token
         if prompt.startswith(data.SYSTEM):
@@ -887,29 +889,27 @@ def test_language_pretraining_supervises_what_stage_2_does(tmp_path):
     assert checked > 20
 
 
-def test_cell_words_are_single_tokens(tmp_path):
-    """Each of the 189 cell words (9 cells x 21 contents) is one token of the world's tokenizer, so the notation is
+def test_cell_words_are_single_tokens():
+    """Each of the 189 cell words (9 cells x 21 contents) is one token of the stand-in's tokenizer, so the notation is
     9 tokens like the 9 visual tokens."""
-    w = data.build_shapes_world(tmp_path / "w", **SMALL)
-    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
     rng = random.Random(0)
     for _ in range(20):
-        ids = tok.encode(data.cell_notation(data.random_scene(rng, 96, 3)), add_special_tokens=False)
-        assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(data.CELL_WORDS)
-    assert len(set(tok.convert_tokens_to_ids(data.CELL_WORDS))) == 9 * (1 + 4 * 5)
+        ids = tok.encode(shapes.cell_notation(shapes.random_scene(rng, 96, 3)), add_special_tokens=False)
+        assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(shapes.CELL_WORDS)
+    assert len(set(tok.convert_tokens_to_ids(shapes.CELL_WORDS))) == 9 * (1 + 4 * 5)
 
 
-def test_cell_words_stay_factorised(tmp_path):
+def test_cell_words_stay_factorised():
     """pretrain_language trains the cell words as sums of shared factors: after training, moving a word to another
     cell changes its embedding by the same vector whatever is in the cell, and recolouring an object by the same
     vector whatever its shape and cell; the factors were trained (the words differ from an untrained run's)."""
-    w = data.build_shapes_world(tmp_path / "w", **SMALL)
-    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
 
     def cell_embeddings(steps):
         torch.manual_seed(0)
-        llm = LlamaForCausalLM(LlamaConfig(**train.TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
-        train.pretrain_language(llm, tok, 0, 96, 3, steps=steps, batch_size=2, lr=1e-2)
+        llm = LlamaForCausalLM(LlamaConfig(**shapes.TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+        shapes.pretrain_language(llm, tok, 0, 96, 3, steps=steps, batch_size=2, lr=1e-2)
         return llm.get_input_embeddings().weight.detach()
 
     E = cell_embeddings(3)
@@ -923,52 +923,138 @@ def test_cell_words_stay_factorised(tmp_path):
         torch.testing.assert_close(e(place, f"red_{shape}") - e(place, f"yellow_{shape}"),
                                    e("left", "red_cross") - e("left", "yellow_cross"))
     assert not torch.allclose(e("top", "red_circle"), e("top", "red_square"))
-    cells = tok.convert_tokens_to_ids(data.CELL_WORDS)
+    cells = tok.convert_tokens_to_ids(shapes.CELL_WORDS)
     assert not torch.allclose(E[cells], cell_embeddings(0)[cells])
 
 
 def test_finetune_epochs_from_the_command_line():
     """--finetune_epochs gives stage 2 (and onestage) its own epochs; 0 leaves it at --epochs."""
-    cfg, _ = train.parse_args(train.TrainConfig, ["--epochs", "2", "--finetune_epochs=1"])
+    cfg, _ = parse_args(train.TrainConfig, ["--epochs", "2", "--finetune_epochs=1"])
     assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune", "onestage")] == [2, 1, 1]
-    cfg, _ = train.parse_args(train.TrainConfig, ["--epochs=3"])
+    cfg, _ = parse_args(train.TrainConfig, ["--epochs=3"])
     assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune")] == [3, 3]
 
 
-def test_tiny_models_cached_each_on_its_own(tmp_path, monkeypatch):
-    """A change to the LLM's pretraining rebuilds the LLM only; unchanged settings rebuild nothing; a build whose
-    marker was never written (cut short) is redone."""
-    monkeypatch.setattr(train, "TINY_VISION_PRETRAIN", dict(images=8, steps=2, batch_size=2, lr=1e-3))
-    monkeypatch.setattr(train, "TINY_LLM_PRETRAIN", dict(steps=2, batch_size=2, lr=1e-3))
-    monkeypatch.setattr(train, "language_check", functools.partial(train.language_check, n=2))
-    w = data.build_shapes_world(tmp_path / "w", **SMALL)
-    vision, llm = str(tmp_path / "vision"), str(tmp_path / "llm")
+# ---- the stand-ins: shipped, checked, rebuilt by the same code
 
-    def weights():
-        return [open(os.path.join(d, "model.safetensors"), "rb").read() for d in (vision, llm)]
 
-    train.build_tiny_models(w, vision, llm, seed=0)
-    first = weights()
-    check = json.load(open(os.path.join(llm, "language_check.json")))  # the LLM's score on each kind, from text
-    assert set(check) == set(data.TASKS) and all(0 <= v <= 1 for v in check.values())
-    calls = []
-    monkeypatch.setattr(train, "pretrain_vision", lambda *a, **k: calls.append("vision"))
-    original_language = train.pretrain_language
-    monkeypatch.setattr(train, "pretrain_language", lambda *a, **k: calls.append("llm") or original_language(*a, **k))
-    train.build_tiny_models(w, vision, llm, seed=0)
-    assert calls == [] and weights() == first
-    monkeypatch.setattr(train, "TINY_LLM_PRETRAIN", dict(steps=3, batch_size=2, lr=1e-3))
-    train.build_tiny_models(w, vision, llm, seed=0)
-    assert calls == ["llm"] and weights()[0] == first[0] and weights()[1] != first[1]
-    os.remove(os.path.join(llm, "tiny_settings.json"))
-    train.build_tiny_models(w, vision, llm, seed=0)
-    assert calls == ["llm", "llm"]
+def test_stand_ins_build_from_scratch(tmp_path, monkeypatch):
+    """`python shapes.py --stand_ins DIR` through the same code as the shipped build, a few steps: folders that load
+    through from_pretrained, a provenance whose sha256 are the files', a check that passes; a build cut short leaves
+    the folder it would replace as it was."""
+    shapes.build_shapes_world(tmp_path / "w", **SMALL)
+    out = str(tmp_path / "stand_ins")
+    shapes.main(["--stand_ins", out, "--world", str(tmp_path / "w"), "--vision_steps=2", "--language_steps=2",
+                 "--check_n=2"])
+    provenance = shapes.check_stand_ins(out, 96)
+    assert set(provenance["language_check"]) == set(shapes.TASKS) | {"n"}
+    assert provenance["settings"]["llm_pretrain"]["steps"] == 2 and provenance["command"].startswith("python shapes.py")
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    assert sorted(provenance["sha256"]) == [f for f in files if f != "provenance.json"]
+    for name, digest in provenance["sha256"].items():
+        assert hashlib.sha256(open(os.path.join(out, name), "rb").read()).hexdigest() == digest
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "llm"))
+    llm = LlamaForCausalLM.from_pretrained(os.path.join(out, "llm"))
+    tower = CLIPVisionModel.from_pretrained(os.path.join(out, "vision"))
+    assert llm.config.vocab_size == len(tok) and tower.config.image_size == 96
+    before = {f: open(os.path.join(out, f), "rb").read() for f in files}
+    monkeypatch.setattr(shapes, "pretrain_language", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        shapes.build_stand_ins(out, 0, str(tmp_path / "w"), vision_steps=1, language_steps=1, check_n=1)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in files} == before
+
+
+def test_shipped_stand_ins_match_their_provenance_and_this_code():
+    """stand_ins/ as shipped: every file's sha256 as recorded, configs the world's, and built with the settings this
+    code would build them with (a change to the pretraining without a rebuild fails here)."""
+    provenance = shapes.check_stand_ins(shapes.STAND_INS, shapes.TINY_VISION["image_size"])
+    settings = provenance["settings"]
+    assert settings["vision"] == shapes.TINY_VISION and settings["llm"] == shapes.TINY_LLM
+    assert settings["vision_pretrain"] == shapes.TINY_VISION_PRETRAIN
+    assert settings["llm_pretrain"] == shapes.TINY_LLM_PRETRAIN and settings["mix"] == shapes.TINY_LLM_MIX
+    assert settings["vocab_size"] == shapes.VOCAB_SIZE
+    assert CLIPVisionConfig.from_pretrained(os.path.join(shapes.STAND_INS, "vision")).patch_size == 8
+    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])  # built from a committed tree
+
+
+def test_shipped_stand_in_llm_scores_its_recorded_language_check():
+    """The shipped LLM, loaded through from_pretrained, answers the scene-as-text documents as recorded: the same
+    documents (the check's own seed), so only floating-point noise may move a score."""
+    provenance = json.load(open(os.path.join(shapes.STAND_INS, "provenance.json")))
+    recorded = dict(provenance["language_check"])
+    n = recorded.pop("n")
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    llm = LlamaForCausalLM.from_pretrained(STAND_IN_LLM).eval()
+    world = provenance["settings"]["world"]
+    got = shapes.language_check(llm, tok, provenance["seed"], world["image_size"], world["max_objects"], n=n)
+    for task, acc in recorded.items():
+        assert abs(got[task] - acc) <= 0.02, (task, got[task], acc)
+    assert recorded["colour"] >= 0.95 and recorded["existence"] >= 0.95  # what the default run's targets rest on
+
+
+def broken_copy(tmp_path, edit):
+    folder = tmp_path / "stand_ins"
+    shutil.copytree(shapes.STAND_INS, folder)
+    edit(folder)
+    return str(folder), {f: open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs}
+
+
+def edit_json(path, **changes):
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def flip_a_byte(path):
+    body = bytearray(open(path, "rb").read())
+    body[-1] ^= 1
+    open(path, "wb").write(bytes(body))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: os.remove(f / "llm" / "model.safetensors"), "llm/model.safetensors is missing"),
+    (lambda f: os.remove(f / "provenance.json"), "provenance.json is missing"),
+    (lambda f: flip_a_byte(f / "vision" / "model.safetensors"), "vision/model.safetensors does not match its sha256"),
+    (lambda f: edit_json(f / "vision" / "config.json", image_size=64), "vision/config.json image_size is 64"),
+    (lambda f: edit_json(f / "vision" / "config.json", patch_size=12), "vision/config.json patch_size 12"),
+    (lambda f: edit_json(f / "llm" / "config.json", vocab_size=900), "llm/config.json vocab_size is 900"),
+])
+def test_bad_stand_ins_stop_the_run_before_training(tmp_path, edit, message):
+    """One line naming the folder, the field and the command that rebuilds it, before any training; the folder is
+    left exactly as it was (nothing is rebuilt over a user's files)."""
+    folder, files = broken_copy(tmp_path, edit)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--stand_ins", folder, "--shapes_root", str(tmp_path / "w"), "--out_dir", str(tmp_path / "out")])
+    text = str(stop.value)
+    assert "\n" not in text and text.startswith(folder) and message in text
+    assert f"python shapes.py --stand_ins {folder}" in text
+    assert not os.path.exists(tmp_path / "out")
+    assert {f: open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs} == files
+
+
+def test_report_puts_scores_beside_targets_and_chance(tmp_path):
+    """Chance is the best single answer given to every question, scored by the task's own scorer: by hand, colour
+    2 of 3 (always "red"), existence F1 2/3 (always "Yes" on balanced questions)."""
+    rows = dict(colour=[("red", None), ("red", None), ("blue", None)],
+                existence=[("Yes", None), ("No", None)])
+    for task, answers in rows.items():
+        ev.write_jsonl(tmp_path / f"{task}.jsonl", [dict(question_id=i, text="q", answer=a, image="x.png")
+                                                     for i, (a, _) in enumerate(answers)])
+    assert shapes.best_constant("colour", ev.read_jsonl(tmp_path / "colour.jsonl")) == pytest.approx(2 / 3)
+    assert shapes.best_constant("existence", ev.read_jsonl(tmp_path / "existence.jsonl")) == pytest.approx(2 / 3)
+    results = dict(colour=dict(n=3, accuracy=1.0), existence=dict(n=2, f1=0.5))
+    table = shapes.report(results, str(tmp_path), dict(colour=0.98))
+    colour, existence = (next(line for line in table.splitlines() if line.startswith(t)) for t in rows)
+    assert "100.0%*" in colour and ">=90%" in colour and "66.7%" in colour and "98.0%" in colour
+    assert "50.0%!" in existence and "66.7%" in existence
 
 
 def test_world_feeds_the_dataset(tmp_path, processor):
     from transformers import AutoTokenizer
-    w = data.build_shapes_world(tmp_path, **SMALL)
-    tok = AutoTokenizer.from_pretrained(w["tokenizer"])
+    w = shapes.build_shapes_world(tmp_path, **SMALL)
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
     ds = data.LlavaDataset(w["finetune"], w["image_folder"], tok, processor, "vicuna_v1", "pad", 9, 256)
     batch = data.collate([ds[i] for i in range(4)], pad_id=tok.pad_token_id, image_size=32)
     assert batch["has_image"].all() and (batch["input_ids"] == IMG).sum(1).tolist() == [1] * 4
@@ -1188,36 +1274,36 @@ def test_compare_runs_averages_a_run_over_seeds(tmp_path):
 def test_linear_probe_reads_what_the_features_hold():
     torch.manual_seed(0)
     blank = lambda images, return_tensors: {"pixel_values": torch.zeros(1, 3, 2, 2)}
-    _, labels = ev.probe_scenes(blank, 500, seed=0)
-    occupied = labels["shape"] < len(data.SHAPES)
+    _, labels = shapes.probe_scenes(blank, 500, seed=0)
+    occupied = labels["shape"] < len(shapes.SHAPES)
     assert occupied.sum(1).min() >= 1 and occupied.sum(1).max() <= 3
-    assert (labels["shape"] < len(data.SHAPES)).eq(labels["colour"] < len(data.COLOURS)).all()
-    assert ((labels["colour_of_shape"] < len(data.COLOURS)).sum(1) == occupied.sum(1)).all()
+    assert (labels["shape"] < len(shapes.SHAPES)).eq(labels["colour"] < len(shapes.COLOURS)).all()
+    assert ((labels["colour_of_shape"] < len(shapes.COLOURS)).sum(1) == occupied.sum(1)).all()
     # features that spell out each cell's shape and colour: a linear probe reads both
-    exact = torch.cat([F.one_hot(labels["shape"], len(data.SHAPES) + 1),
-                       F.one_hot(labels["colour"], len(data.COLOURS) + 1)], -1).float()  # [n, 9, 11]
-    r = ev.linear_probe(exact + 0.01 * torch.randn(exact.shape), labels)
+    exact = torch.cat([F.one_hot(labels["shape"], len(shapes.SHAPES) + 1),
+                       F.one_hot(labels["colour"], len(shapes.COLOURS) + 1)], -1).float()  # [n, 9, 11]
+    r = shapes.linear_probe(exact + 0.01 * torch.randn(exact.shape), labels)
     assert r["shape"] == r["colour"] == 1.0 and r["n_cells"] == int(occupied[400:].sum())
     # "the colour of the circle" is not linear in the cells' one-hots (an AND of shape and colour per cell)...
     assert r["colour_of_shape"] < 0.7
     # ...but it is in their products, one per cell, shape and colour
-    bound = (exact[..., :len(data.SHAPES) + 1, None] * exact[..., None, len(data.SHAPES) + 1:]).flatten(2)
-    assert ev.linear_probe(bound, labels)["colour_of_shape"] > 0.95  # a triple or two unseen in 400 scenes
+    bound = (exact[..., :len(shapes.SHAPES) + 1, None] * exact[..., None, len(shapes.SHAPES) + 1:]).flatten(2)
+    assert shapes.linear_probe(bound, labels)["colour_of_shape"] > 0.95  # a triple or two unseen in 400 scenes
     # features that hold only the colours: the shape probe falls to about chance, colour stays
-    colour_only = exact[..., len(data.SHAPES) + 1:]
-    r = ev.linear_probe(colour_only + 0.01 * torch.randn(colour_only.shape), labels)
+    colour_only = exact[..., len(shapes.SHAPES) + 1:]
+    r = shapes.linear_probe(colour_only + 0.01 * torch.randn(colour_only.shape), labels)
     assert r["colour"] == 1.0 and r["shape"] < 0.5
 
 
 def test_cell_box_baseline_by_hand():
     n = 5  # 4 scenes fit the mean boxes, the fifth is held out
-    labels = dict(shape=torch.full((n, 9), len(data.SHAPES)), box=torch.zeros(n, 9, 4))
+    labels = dict(shape=torch.full((n, 9), len(shapes.SHAPES)), box=torch.zeros(n, 9, 4))
     labels["shape"][:, 0] = 0
     labels["box"][:, 0] = torch.tensor([[0, 0, .2, .2], [0, 0, .2, .2], [.1, .1, .3, .3], [.1, .1, .3, .3],
                                         [.05, .05, .25, .25]])
     labels["shape"][4, 4] = 1  # a cell never occupied in the first four: its mean box is empty, IoU 0
     labels["box"][4, 4] = torch.tensor([.4, .4, .6, .6])
-    assert ev.cell_box_baseline(labels) == 0.5  # cell 0's mean [.05, .05, .25, .25] hits exactly; cell 4 misses
+    assert shapes.cell_box_baseline(labels) == 0.5  # cell 0's mean [.05, .05, .25, .25] hits exactly; cell 4 misses
 
 
 def test_generate_answers_restores_order(fake_data):
@@ -1257,7 +1343,7 @@ def test_evaluate_shapes_writes_answers_and_metrics(fake_data, tmp_path):
 # ---- command line
 
 def test_parse_args():
-    cfg, _ = ev.parse_args(ev.EvalConfig, ["--ckpt", "out/avgpool", "--batch_size=8", "--max-new-tokens", "5"])
+    cfg, _ = parse_args(ev.EvalConfig, ["--ckpt", "out/avgpool", "--batch_size=8", "--max-new-tokens", "5"])
     assert (cfg.ckpt, cfg.batch_size, cfg.max_new_tokens, cfg.limit) == ("out/avgpool", 8, 5, 0)
 
     from dataclasses import dataclass
@@ -1266,12 +1352,12 @@ def test_parse_args():
     class C:
         flag: bool = False
         lr: float = 1.0
-    assert ev.parse_args(C, ["--flag=true", "--lr", "3e-4"])[0] == C(True, 3e-4)
-    assert ev.parse_args(C, ["--flag", "0"])[0] == C(False, 1.0)
-    assert ev.parse_args(C, ["--flag", "--lr", "2"])[0] == C(True, 2.0)  # a bare bool flag
+    assert parse_args(C, ["--flag=true", "--lr", "3e-4"])[0] == C(True, 3e-4)
+    assert parse_args(C, ["--flag", "0"])[0] == C(False, 1.0)
+    assert parse_args(C, ["--flag", "--lr", "2"])[0] == C(True, 2.0)  # a bare bool flag
     for bad in (["--flag=maybe"], ["--nope=1"], ["--lr"], ["--lr=abc"], ["lr=1"]):
         with pytest.raises(SystemExit):
-            ev.parse_args(C, bad)
+            parse_args(C, bad)
 
 
 # =============================================================================
@@ -1282,8 +1368,8 @@ def test_parse_args():
 def world(tmp_path_factory):
     """A small shapes world, a 4x4-patch CLIP tower and a random Llama over the world's tokenizer."""
     root = tmp_path_factory.mktemp("world")
-    w = data.build_shapes_world(str(root / "shapes"), seed=0, n_train=64, n_eval=4)
-    tokenizer = AutoTokenizer.from_pretrained(w["tokenizer"])
+    w = shapes.build_shapes_world(str(root / "shapes"), seed=0, n_train=64, n_eval=4)
+    tokenizer = AutoTokenizer.from_pretrained(STAND_IN_LLM)
     torch.manual_seed(0)
     CLIPVisionModel(tiny_vision_config(image_size=96, patch_size=24)).save_pretrained(root / "vision")
     clip_processor(96).save_pretrained(root / "vision")
