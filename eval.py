@@ -160,14 +160,14 @@ def box_iou(a, b):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=128,
-                     on_answer=None):
+                     on_answer=None, desc="generate"):
     """Greedy answers (one string per record, in the records' order) to "<image>\\n" + record["text"]. The image is
     record["image"]: a path under image_folder, or the image file's bytes. on_answer(i, answer) sees each answer
     as soon as its batch is done."""
     prompts = [data.prompt_ids(tokenizer, data.IMAGE_TOKEN + "\n" + r["text"]) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     answers = [None] * len(records)
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
         images = [data.load_image(image_source(records[i]["image"], image_folder), image_processor, "pad") for i in idx]
         pixel_values = torch.stack(images)  # [B, 3, H, W], left on the CPU: generate moves it
@@ -252,9 +252,8 @@ def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, o
     for task in tasks:
         records = read_jsonl(os.path.join(eval_dir, f"{task}.jsonl"))
         records = records[:limit] if limit > 0 else records
-        print(f"{task}: {len(records)} questions")
         answers = generate_answers(model, tokenizer, image_processor, records, image_folder, batch_size,
-                                   max_new_tokens)
+                                   max_new_tokens, desc=f"{task}, {len(records)} questions")
         results[task] = score_shapes(task, records, answers)
         if out_path:
             rows = [dict(question_id=r["question_id"], text=a, answer=r["answer"]) for r, a in zip(records, answers)]

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel,
-                          LlamaConfig, LlamaForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from config import lr_factor, parse_args
 from data import GROUNDING_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, MC_SUFFIX, SHORT_ANSWER, SYSTEM, collate
@@ -508,8 +509,6 @@ def tokenizer_texts(world):
 
 def train_tokenizer(texts, vocab_size, path):
     """Byte-level BPE over the world's text, wrapped as a PreTrainedTokenizerFast and saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -520,6 +519,7 @@ def train_tokenizer(texts, vocab_size, path):
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                       pad_token="<pad>", unk_token="<unk>")
     wrapped.save_pretrained(path)
+
 
 def sha256(path):
     with open(path, "rb") as f:
