@@ -687,7 +687,7 @@ def report(results, eval_dir, from_text):
     """The default run's table: each task's score beside its target, its chance level and what the stand-in LLM
     scores given the scene as cell words instead of the image (its language_check)."""
     lines = [f"{'task':<10} {'metric':<10} {'score':>7} {'target':>7} {'chance':>7} {'text':>7}  asks",
-             "-" * 100]
+             "-" * 104]
     for task, metrics in results.items():
         key = HEADLINE[task]
         with open(os.path.join(eval_dir, f"{task}.jsonl")) as f:
@@ -698,9 +698,8 @@ def report(results, eval_dir, from_text):
         lines.append(f"{task:<10} {key:<10} {100 * metrics[key]:>6.1f}%{mark}{target:>7} {100 * chance:>6.1f}% "
                      f"{text:>7}  {ASKS[task]}")
     return "\n".join(lines + [
-        "score: on the held-out questions (* target met, ! missed); chance: one answer given to every question; "
-        "text: the stand-in", "LLM answering from the scene written as nine cell words instead of the image "
-        "(language_check in stand_ins/provenance.json): what its LLM can read"])
+        "score: the held-out questions (* target met, ! missed); chance: one answer given to every question;",
+        "text: the stand-in LLM given the scene as nine cell words instead of the image (its language_check)"])
 
 
 # -----------------------------------------------------------------------------
