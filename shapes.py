@@ -57,8 +57,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # one word per cell of the 3x3 layout, the scene written the way the 9 visual tokens show it (row-major, one token
 # each): the text stand-in for an image in the tiny LLM's language pretraining (pretrain_language). Each word says
 # what is in its cell and which cell it is ("<top_left:red_circle>"), as each visual token does: the tower's features
-# carry the patch's row and column. A 3-layer Llama whose words named only the content did not learn from RoPE alone which
-# cell a word stood in (position 52% from text at seed 0, README)
+# carry the patch's row and column. A 3-layer Llama whose words named only the content did not learn from RoPE alone
+# which cell a word stood in (position 52% from text at seed 0, EXPERIMENTS.md)
 PLACES = [p.replace(" ", "_") for p in POSITIONS]
 CONTENTS = ["empty"] + [f"{c}_{s}" for c in sorted(COLOURS) for s in SHAPES]
 CELL_WORDS = [f"<{place}:{content}>" for place in PLACES for content in CONTENTS]
@@ -241,8 +241,8 @@ def train_records(rng, objects, name, qa_turns):
 
 
 def text_document(rng, image_size, max_objects, task):
-    """One document of the tiny LLM's language pretraining (pretrain_language): a new scene in cell notation where the image
-    will be, then its caption or its description (task "caption" or "description": stage 1's `plain` layout) or
+    """One document of the tiny LLM's language pretraining (pretrain_language): a new scene in cell notation where the
+    image will be, then its caption or its description (task "caption" or "description": stage 1's `plain` layout) or
     one `vicuna_v1` turn with a question of `task` and its answer (stage 2's layout). -> (prompt, answer); the
     document is prompt + answer, and only the answer is supervised, as in stages 1 and 2."""
     objects = random_scene(rng, image_size, max_objects)
@@ -350,13 +350,15 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num
 # colour, a shape and a place (cell_word_factors), it reads what it reads from text one lookup after another, each
 # learned suddenly and at a step that varies with the seed: after 4,000 steps at seed 0 colour and existence 99.5%,
 # position 92.0%, relative position 85.5%; after 6,000, 100 / 100 / 97.5 / 91.5%, and in seeds 1 and 2 position
-# 94-100%, relative position 97.5-100% (README). What it has not learned from text, stage 2 has to learn from images
+# 94-100%, relative position 97.5-100% (EXPERIMENTS.md). What it has not learned from text, stage 2 has to learn
+# from images
 TINY_LLM_PRETRAIN = dict(steps=6000, batch_size=32, lr=1e-3)
 # the documents' kinds, by weight. Every caption asks shape-from-colour ("a red" -> circle) and the place of each
 # object, and every description colour-from-shape ("the circle is" -> red: description), as English says things
 # both ways round; colour and existence questions, the lookups the LLM learned last, get twice a question's share.
 # Without descriptions, at 3,000 steps, the LLM read colour / existence from text 100 / 100% at seed 0 but 83.0 /
-# 91.0% at seed 1; with them, at 6,000 steps, 100 / 100, 99.5 / 100 and 100 / 100% in seeds 0, 1, 2 (README)
+# 91.0% at seed 1; with them, at 6,000 steps, 100 / 100, 99.5 / 100 and 100 / 100% in seeds 0, 1, 2
+# (EXPERIMENTS.md)
 TINY_LLM_MIX = dict(caption=1, description=1, colour=2, shape=1, count=1, existence=2, position=1, relpos=1, mc=1,
                     grounding=1)
 VOCAB_SIZE = 1024  # the BPE's merges over the world's text; the 189 cell words come on top
@@ -412,7 +414,7 @@ def pretrain_language(llm, tokenizer, seed, image_size, max_objects, steps, batc
     their own: a new scene in cell notation, then its caption, its description or a vicuna_v1 question and answer,
     of kinds drawn by TINY_LLM_MIX. The cell words stay sums of their factors throughout (cell_word_factors), written
     into the embedding table at the end: trained as 189 free words from the same start, the LLM read colour from text
-    67.5% of the time after 2,000 steps at seed 0, tied 90.0% (README). -> the loss of each step."""
+    67.5% of the time after 2,000 steps at seed 0, tied 90.0% (EXPERIMENTS.md). -> the loss of each step."""
     rng = random.Random(f"shapes-{seed}-text")
     ids, C = cell_word_factors(tokenizer)
     factors = torch.nn.Parameter(torch.randn(C.shape[1], llm.config.hidden_size) * llm.config.initializer_range)
@@ -438,7 +440,7 @@ def pretrain_language(llm, tokenizer, seed, image_size, max_objects, steps, batc
 def document_sample(tokenizer, prompt, answer):
     """bos and the prompt unsupervised, then the answer and eos supervised: the token layout and the labels stage 2
     gives the same turn. On whole documents (the scene's nine random words and the question in the loss too) the
-    LLM learned no colour lookup and no existence at seed 0 within 2,000 steps (README)."""
+    LLM learned no colour lookup and no existence at seed 0 within 2,000 steps (EXPERIMENTS.md)."""
     context = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
     reply = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     return dict(input_ids=torch.tensor(context + reply), labels=torch.tensor([IGNORE_INDEX] * len(context) + reply),

@@ -304,7 +304,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
 # -----------------------------------------------------------------------------
 
 
-STAGES = {"both": ["pretrain", "finetune"], "pretrain": ["pretrain"], "finetune": ["finetune"], "onestage": ["finetune"]}
+STAGES = dict(both=["pretrain", "finetune"], pretrain=["pretrain"], finetune=["finetune"], onestage=["finetune"])
 PHASES = dict(pretrain="stage 1, pretrain: the projector alone, on captions (template plain)",
               finetune="stage 2, finetune: the projector and LoRA, on conversations (template vicuna_v1)")
 
