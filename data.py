@@ -23,7 +23,7 @@ GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region thi
 TEMPLATES = ("plain", "vicuna_v1")
 
 # -----------------------------------------------------------------------------
-# conversations -> token ids and labels (SPEC section 4)
+# conversations -> token ids and labels (LLaVA-1.5's plain and vicuna_v1 templates)
 
 
 def check_conversation(conversations, where):
@@ -111,7 +111,7 @@ def expand2square(img, background):
 
 
 def load_image(path, image_processor, mode):
-    """-> FloatTensor [3, H, W]; `pad` for stage 2 and evaluation, `crop` for stage 1 (SPEC section 4)."""
+    """-> FloatTensor [3, H, W]; `pad` for stage 2 and evaluation, `crop` for stage 1, as LLaVA-1.5."""
     if mode not in ("pad", "crop"):
         raise ValueError(f"unknown image mode {mode!r}; choose 'pad' or 'crop'")
     try:
@@ -204,7 +204,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         where = where_of(self.json_path, i, record)
         ids, labels = tokenize_conversation(self.tokenizer, record["conversations"], self.template, where)
         has_image = "image" in record
-        # budget counts the M visual tokens that replace the single placeholder id (SPEC section 2)
+        # budget counts the M visual tokens that replace the single placeholder id
         budget = self.max_length - (self.num_visual_tokens - 1 if has_image else 0)
         ids, labels = ids[:budget], labels[:budget]
         if has_image and IMAGE_TOKEN_INDEX not in ids:

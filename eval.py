@@ -50,12 +50,12 @@ class EvalConfig:
     bench: str = ""           # a benchmark of the paper: pope vqav2 vizwiz textvqa gqa mme seed mmbench refcoco(+/g)
     data_root: str = ""       # LLaVA-1.5's ./playground/data/eval, laid out as its docs/Evaluation.md says
     question_file: str = ""   # another question file than the layout's (a val split, RefCOCO testA, ...)
-    box_space: str = "square" # RefCOCO answers normalised to the padded square or to the original image (SPEC 6)
+    box_space: str = "square" # RefCOCO answers normalised to the padded square or to the original image
     circular: bool = False    # MMBench CircularEval: ask every circular shift of the options
 
 
 # -----------------------------------------------------------------------------
-# scorers (SPEC 6)
+# scorers (LLaVA-1.5's evaluation: its scripts and the official VQA code)
 
 # The official VQA evaluation rules (GT-Vision-Lab vqaEval.py), rewritten.
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -184,7 +184,7 @@ def image_source(image, image_folder):
     return io.BytesIO(image) if isinstance(image, bytes) else os.path.join(image_folder, image)
 
 # -----------------------------------------------------------------------------
-# the shapes-world evaluation (SPEC 8)
+# the shapes-world evaluation (shapes.py writes its question files)
 
 HEADLINE = {"colour": "accuracy", "shape": "accuracy", "count": "accuracy", "existence": "f1",
             "position": "accuracy", "relpos": "f1", "mc": "accuracy", "grounding": "acc_iou50"}
@@ -205,7 +205,7 @@ def score_shapes(task, records, answers):
         return dict(n=n, accuracy=mean([parse_letter(a) == g for g, a in zip(gts, answers)]),
                     accuracy_lenient=mean([parse_letter(a, strict=False) == g for g, a in zip(gts, answers)]))
     if task == "grounding":
-        # shapes-world images are square, so the `square` and `orig` box spaces of SPEC 6 coincide
+        # shapes-world images are square, so the `square` and `orig` box spaces coincide
         boxes = [parse_box(a) for a in answers]
         hits = [b is not None and box_iou(b, r["bbox"]) >= 0.5 for r, b in zip(records, boxes)]
         return dict(n=n, acc_iou50=mean(hits), unparseable=mean([b is None for b in boxes]))
@@ -398,12 +398,12 @@ def shapes_paths(cfg, train_cfg):
     return cfg.eval_dir or os.path.join(root, "eval"), cfg.image_folder or os.path.join(root, "images")
 
 # -----------------------------------------------------------------------------
-# the paper's benchmarks, in LLaVA-1.5's layout (SPEC 6)
+# the paper's benchmarks, in LLaVA-1.5's layout
 #
 # data_root is LLaVA's ./playground/data/eval (docs/Evaluation.md of haotian-liu/LLaVA). LLaVA's question files
-# already end with the SPEC 6 suffixes, so the prompt builders add only what a question lacks. An answer belongs to
-# the question with its question id and prompt: TextVQA's ids are image ids and MME's repeat for the two questions
-# of an image, so the id alone does not single a question out.
+# already end with LLaVA-1.5's prompt suffixes, so the prompt builders add only what a question lacks. An answer
+# belongs to the question with its question id and prompt: TextVQA's ids are image ids and MME's repeat for the two
+# questions of an image, so the id alone does not single a question out.
 
 UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
 POPE_SPLITS = ("adversarial", "popular", "random")
@@ -609,7 +609,7 @@ def read_seed(path):
 # ---- scorers: (questions, answers, annotations, cfg) -> metrics; no model needed
 
 def score_pope(questions, answers, labels, cfg=None):
-    """Per split (SPEC 6). LLaVA's question file numbers its questions its own way, so each question finds its
+    """Per split. LLaVA's question file numbers its questions its own way, so each question finds its
     label in its split's POPE file by image and question, and its prediction by question id."""
     preds = match(questions, answers)
     scores = {}
@@ -629,7 +629,7 @@ def score_pope(questions, answers, labels, cfg=None):
 
 
 def vqa_scores(questions, preds, humans, key):
-    """VQA accuracy (SPEC 6) where the human answers of every question are known; of none: a test split, which
+    """VQA accuracy where the human answers of every question are known; of none: a test split, which
     only its server scores."""
     keys = [key(q) for q in questions]
     known = [humans is not None and k in humans for k in keys]
@@ -663,7 +663,7 @@ def truth_of(q, truth, where):
 
 
 def score_gqa(questions, answers, truth, cfg=None):
-    """Strip the trailing period, lower-case, exact match (SPEC 6)."""
+    """Strip the trailing period, lower-case, exact match."""
     right = [p.strip().rstrip(".").lower() == truth_of(q, truth, "gqa").lower()
              for q, p in zip(questions, match(questions, answers))]
     return dict(n=len(right), accuracy=mean(right))
@@ -676,7 +676,7 @@ def parse_mme(text):
 
 
 def score_mme(questions, answers, truth, cfg=None):
-    """Per subtask, in MME's points (SPEC 6): accuracy over questions, accuracy+ over images (both of its questions
+    """Per subtask, in MME's points: accuracy over questions, accuracy+ over images (both of its questions
     right), score = accuracy + accuracy+ (0-200); perception and cognition sum the scores of their subtasks.
     LLaVA's question ids are "<subtask>/.../<image file>", one per image."""
     right = {}  # subtask -> image -> [right, ...]
@@ -698,7 +698,7 @@ def score_mme(questions, answers, truth, cfg=None):
 
 
 def score_seed(questions, answers, truth, cfg=None):
-    """Letter exact match, and a lenient first-letter parse (SPEC 6); per data type and question type."""
+    """Letter exact match, and a lenient first-letter parse; per data type and question type."""
     rows = []
     for q, p in zip(questions, match(questions, answers)):
         t = truth_of(q, truth, "seed: SEED-Bench.json")
@@ -714,7 +714,7 @@ def score_seed(questions, answers, truth, cfg=None):
 
 
 def score_mmbench(questions, answers, ann=None, cfg=None):
-    """Letter exact match, and a lenient first-letter parse, on each question as first asked (SPEC 6). With
+    """Letter exact match, and a lenient first-letter parse, on each question as first asked. With
     CircularEval's rounds, a question counts only if every circular shift of its options was answered right."""
     if any(q["answer"] is None for q in questions):
         return dict(n=len({q["question_id"] for q in questions}))  # a test split: no answers, only the server scores
@@ -737,7 +737,7 @@ def score_mmbench(questions, answers, ann=None, cfg=None):
 
 
 def to_pixels(box, width, height, box_space):
-    """A normalised [x1, y1, x2, y2] in pixels of the original image (SPEC 6). square: normalised to the image
+    """A normalised [x1, y1, x2, y2] in pixels of the original image. square: normalised to the image
     padded to a centred square of side S = max(W, H), so x = x' * S - (S - W) / 2; orig: x = x' * W."""
     if box_space == "orig":
         return [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
@@ -747,7 +747,7 @@ def to_pixels(box, width, height, box_space):
 
 
 def score_refcoco(questions, answers, ann=None, cfg=None):
-    """Acc@IoU>=0.5 of the first [a, b, c, d] in each answer against the box in pixels; no box is wrong (SPEC 6)."""
+    """Acc@IoU>=0.5 of the first [a, b, c, d] in each answer against the box in pixels; no box is wrong."""
     box_space = cfg.box_space if cfg else "square"
     boxes = [parse_box(p) for p in match(questions, answers)]
     hits = [b is not None and box_iou(to_pixels(b, q["width"], q["height"], box_space), q["bbox"]) >= 0.5

@@ -1,5 +1,6 @@
 """
-The multimodal LLM of LLaVA-1.5 (SPEC section 2), with any projector of projectors.py between its two halves:
+The multimodal LLM of LLaVA-1.5 (Liu et al., 2023, "Improved Baselines with Visual Instruction Tuning"), with any
+projector of projectors.py between its two halves:
 
   image -> frozen vision tower (hidden_states[-2], CLS dropped) -> projector -> M visual tokens
   prompt ids with one IMAGE_TOKEN_INDEX placeholder -> the placeholder replaced by the M visual tokens -> causal LLM
@@ -73,7 +74,7 @@ class MLLM(nn.Module):
         Returns inputs_embeds [B, T', d_llm], attention_mask [B, T'], labels [B, T'] (or None), position_ids [B, T']."""
         has_image = (input_ids == IMAGE_TOKEN_INDEX).any(1)
         # a batch without images still runs the projector once: its zero-length slice keeps the projector in the
-        # graph, so DDP sees every trainable parameter used (SPEC section 2)
+        # graph, so DDP sees every trainable parameter used
         images = pixel_values[has_image] if has_image.any() else pixel_values[:1]
         image_embeds = self.encode_images(images)  # [B_img, M, d_llm]
         embed_tokens = self.llm.get_input_embeddings()
@@ -204,7 +205,7 @@ def default_num_tokens(projector, N):
 
 
 def add_lora(llm, r, alpha, dropout):
-    # SPEC section 5: every Linear of the LLM except lm_head ("all-linear" leaves the output layer out)
+    # LLaVA-1.5's LoRA: every Linear of the LLM except lm_head ("all-linear" leaves the output layer out)
     from peft import LoraConfig, get_peft_model
     return get_peft_model(llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear"))
 

@@ -1,6 +1,6 @@
 """
 The visual projectors compared in the DeCo paper, each mapping ViT patch features to LLM input embeddings:
-[B, N, d_v] -> [B, M, d_llm]. SPEC section 3 gives the exact layouts and parameter counts.
+[B, N, d_v] -> [B, M, d_llm]. test_deco.py checks each parameter count at the paper's configuration.
 
   linear       LLaVA-1.5's 2-layer MLP ("mlp2x_gelu"), M = N
   avgpool      DeCo: 2D adaptive average pooling of the patch grid, then the same MLP (paper Sec. 4)
@@ -60,7 +60,7 @@ def attention(q, k, v, num_heads, record=None, name=""):
 @contextmanager
 def record_attention(projector):
     """Inside the block, each forward of `projector` appends (name, A) to the yielded list for every attention it
-    computes: A [B, heads, M, K] post-softmax, in the autograd graph (R-GAE, SPEC section 7). Off by default."""
+    computes: A [B, heads, M, K] post-softmax, in the autograd graph (R-GAE, the paper's Sec. 3.1). Off by default."""
     projector.attentions = []
     try:
         yield projector.attentions
@@ -82,7 +82,7 @@ def init_normal_(module, std=0.02):
 
 class MLPProjector(nn.Sequential):
     """[Linear, GELU, Linear] exactly as LLaVA-1.5's mm_projector, so `mm_projector.0/.2` weights load into any of
-    linear / avgpool / maxpool; the pooling variants pool the patch grid BEFORE the MLP (SPEC section 3)."""
+    linear / avgpool / maxpool; the pooling variants pool the patch grid BEFORE the MLP."""
     attentions = None
 
     def __init__(self, vision_dim, llm_dim, num_patches, num_tokens, pool=None):
@@ -100,7 +100,7 @@ class MLPProjector(nn.Sequential):
 
 # -----------------------------------------------------------------------------
 # qformer: BLIP-2's Q-Former. Attribute names are those of transformers' Blip2QFormerModel, so its state dict maps
-# one to one (SPEC section 3).
+# one to one.
 
 
 class QFormerAttention(nn.Module):

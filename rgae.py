@@ -1,5 +1,5 @@
 """
-R-GAE, the paper's explainability tool (Sec. 3.1 and appendix A; SPEC section 7): how much each text token of an
+R-GAE, the paper's explainability tool (Sec. 3.1 and appendix A): how much each text token of an
 answer owes to each visual token (Text-to-Query), each visual token to each image patch (Query-to-Patch), and so
 each answer token to each patch (Text-to-Patch).
 

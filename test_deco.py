@@ -137,7 +137,8 @@ def linear_params(i, o):
 
 
 def test_parameter_counts_at_paper_configuration():
-    """SPEC section 3's numbers, from the layouts written out here, against modules built on the meta device."""
+    """The parameter counts at the paper's configuration, from the layouts written out here, against modules built
+    on the meta device."""
     d_v, d, N, M = 1024, 4096, 576, 144
     mlp = linear_params(d_v, d) + linear_params(d, d)
     q, f = 768, 3072  # qformer: 2 layers, cross-attention in layer 0 only (frequency 2)
@@ -226,7 +227,7 @@ def test_qformer_loads_lavis_names_and_reinitialises_what_does_not_fit(tmp_path)
 
 
 def regnet_block_by_hand(block, x):
-    """SPEC section 3's block, written with functional ops: 1x1 conv, LN over channels, SiLU; depthwise 3x3, LN,
+    """Honeybee's RegNet block, written with functional ops: 1x1 conv, LN over channels, SiLU; depthwise 3x3, LN,
     SiLU; squeeze-excite; 1x1 conv, LN; + identity; SiLU."""
     def ln(h, norm):
         return F.layer_norm(h.permute(0, 2, 3, 1), h.shape[1:2], norm.weight, norm.bias, 1e-5).permute(0, 3, 1, 2)
@@ -485,7 +486,7 @@ def test_lora_on_every_linear_but_lm_head(parts):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_vision_features_are_the_penultimate_layer_without_cls(parts, tmp_path, kind):
-    """CLIP: hidden_states[-2] minus its CLS row; SigLIP (no CLS): hidden_states[-2] as it is (SPEC section 2)."""
+    """CLIP: hidden_states[-2] minus its CLS row; SigLIP (no CLS): hidden_states[-2] as it is."""
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
     vision, llm = parts
     if kind == "siglip":
@@ -1060,7 +1061,7 @@ def test_world_feeds_the_dataset(tmp_path, processor):
     assert batch["has_image"].all() and (batch["input_ids"] == IMG).sum(1).tolist() == [1] * 4
 
 # =============================================================================
-# eval.py: scorers (SPEC section 6) and the generation driver
+# eval.py: scorers and the generation driver
 
 # ---- VQA normalisation and accuracy
 
@@ -1505,7 +1506,7 @@ def test_qformer_init_from_a_blip2_checkpoint(world, tmp_path, capsys):
         train.main(train_args(world, tmp_path / "bad", "--stage=pretrain", f"--qformer_init={tmp_path / 'blip2'}"))
 
 # -----------------------------------------------------------------------------
-# R-GAE (SPEC section 7)
+# R-GAE (the paper's Sec. 3.1, Eqs. 2-5)
 
 
 def test_text_to_query_row_is_a_row_of_the_full_product():
@@ -1652,7 +1653,7 @@ def test_rgae_command_writes_figure_and_maps(world, tmp_path):
     assert Image.open(tmp_path / "fig.png").size[0] > 6 * 160
 
 # =============================================================================
-# benchmarks (SPEC section 6)
+# benchmarks (LLaVA-1.5's evaluation)
 #
 # Each test writes a few records in LLaVA-1.5's eval layout under tmp_path, gives hand-written answers (in reverse
 # order, so that only ids and prompts can pair them with their questions) and checks scores worked out by hand.
@@ -1776,7 +1777,8 @@ def test_bench_vizwiz(tmp_path):
         bench_put(tmp_path / "vizwiz" / "val" / q["image"])
     b, cfg = bench_load(tmp_path, "vizwiz", question_file=str(tmp_path / "vizwiz" / "llava_val.jsonl"),
                         image_folder=str(tmp_path / "vizwiz" / "val"))
-    # SPEC 6: the unanswerable sentence, then the short-answer suffix; a text that has them keeps them once
+    # LLaVA-1.5's VizWiz prompt: the unanswerable sentence, then the short-answer suffix; a text that has them keeps
+    # them once
     assert [q["prompt"] for q in b["questions"]] == ["What is this?" + ev.UNANSWERABLE + S, asked]
     answers = {0: "Unanswerable", 1: "White."}
     m = bench_score(b, cfg, lambda q: answers[q["question_id"]])
@@ -2005,7 +2007,7 @@ def test_bench_missing_files_and_bad_records(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# faults a long training run must survive (SPEC section 9)
+# faults a long training run must survive
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tmp_path):
