@@ -53,7 +53,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
            "purple": (150, 60, 190)}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 TASKS = ("colour", "shape", "count", "existence", "position", "relpos", "mc", "grounding")
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+RESERVED_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # one word per cell of the 3x3 layout, the scene written the way the 9 visual tokens show it (row-major, one token
 # each): the text stand-in for an image in the tiny LLM's language pretraining (pretrain_language). Each word says
 # what is in its cell and which cell it is ("<top_left:red_circle>"), as each visual token does: the tower's features
@@ -514,7 +514,7 @@ def train_tokenizer(texts, vocab_size, path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=RESERVED_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens(CELL_WORDS)
@@ -615,7 +615,7 @@ def check_stand_ins(folder, image_size):
         raise SystemExit(f"{folder}: vision/config.json patch_size {vision.patch_size} does not cut the "
                          f"{image_size}-px images into a grid of the world's 3x3 cells; {rebuild}")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "llm"))
-    missing = [w for w in SPECIAL_TOKENS + CELL_WORDS if w not in tokenizer.get_vocab()]
+    missing = [w for w in RESERVED_TOKENS + CELL_WORDS if w not in tokenizer.get_vocab()]
     if missing:
         raise SystemExit(f"{folder}: llm/'s tokenizer lacks the world's word {missing[0]!r}; {rebuild}")
     llm = AutoConfig.from_pretrained(os.path.join(folder, "llm"))
