@@ -1341,6 +1341,46 @@ def test_evaluate_shapes_writes_answers_and_metrics(fake_data, tmp_path):
     assert "colour" in table and "50.0%" in table and "f1" in table
 
 
+# ---- the house: imports run one way
+
+
+def project_imports():
+    """{module: the project's modules it imports}, imports inside functions included, from each file's syntax tree."""
+    import ast
+    import glob
+    modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, "*.py")) if "test" not in f}
+    graph = {}
+    for m in modules:
+        names = set()
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, m + ".py")).read())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        graph[m] = names & modules - {m}
+    return graph
+
+
+def test_imports_run_one_way():
+    """No cycle among the project's modules, and the model, its projectors and the LLaVA data path import nothing
+    of the shapes world, the training loop or the evaluation."""
+    graph = project_imports()
+    assert {"config", "data", "eval", "model", "projectors", "shapes", "train"} <= set(graph)
+    done = set()
+
+    def visit(m, path):
+        assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            for d in sorted(graph[m]):
+                visit(d, path + [m])
+            done.add(m)
+    for m in sorted(graph):
+        visit(m, [])
+    for low in ("config", "projectors", "model", "data"):
+        assert not graph[low] & {"shapes", "train", "eval", "rgae", "bench"}, (low, graph[low])
+    assert graph["config"] == set() and "shapes" not in graph["eval"]
+
+
 # ---- command line
 
 def test_parse_args():
