@@ -959,7 +959,9 @@ def test_stand_ins_build_from_scratch(tmp_path, monkeypatch):
     tower = CLIPVisionModel.from_pretrained(os.path.join(out, "vision"))
     assert llm.config.vocab_size == len(tok) and tower.config.image_size == 96
     before = {f: open(os.path.join(out, f), "rb").read() for f in files}
-    monkeypatch.setattr(shapes, "pretrain_language", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shapes, "pretrain_language", cut_short)
     with pytest.raises(KeyboardInterrupt):
         shapes.build_stand_ins(out, 0, str(tmp_path / "w"), vision_steps=1, language_steps=1, check_n=1)
     assert {f: open(os.path.join(out, f), "rb").read() for f in files} == before
