@@ -3,9 +3,6 @@ Evaluation: LLaVA-1.5's scorers and benchmarks, and the held-out question files 
 
     python eval.py --ckpt out/avgpool                  # prints a table, writes out/avgpool/eval.json
     python eval.py --ckpt=out/avgpool --limit=50       # quick look: first 50 questions per task
-    python eval.py --table out                         # one table of every out/<run>/eval.json
-    python eval.py --table out,out_seed1               # the same runs in two seeds: mean (lowest-highest)
-    python eval.py --bars out/a,out/b --out bars.png   # their eval.json as grouped bars (PNG)
     python eval.py --ckpt CKPT --bench pope --data_root playground/data/eval
                                                        # a benchmark of the paper in LLaVA-1.5's layout: answers
                                                        # (resumable) and scores in CKPT/pope/
@@ -15,15 +12,12 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw
-from safetensors import safe_open
 from tqdm import tqdm
 
 import data
@@ -44,9 +38,6 @@ class EvalConfig:
     max_new_tokens: int = 32
     limit: int = 0            # > 0: only the first `limit` questions of each task
     device: str = ""          # default: cuda if available, else cpu
-    table: str = ""           # folders of runs, comma-separated (one per seed): their eval.json in one markdown table
-    curves: str = ""          # run folders, comma-separated: plot their training loss (log.jsonl) into --out, a PNG
-    bars: str = ""            # run folders, comma-separated: bar chart of their eval.json headline metrics into --out
     bench: str = ""           # a benchmark of the paper: pope vqav2 vizwiz textvqa gqa mme seed mmbench refcoco(+/g)
     data_root: str = ""       # LLaVA-1.5's ./playground/data/eval, laid out as its docs/Evaluation.md says
     question_file: str = ""   # another question file than the layout's (a val split, RefCOCO testA, ...)
@@ -265,7 +256,7 @@ def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, o
 
 
 # -----------------------------------------------------------------------------
-# tables and plots over runs
+# the command line
 
 
 def format_table(results):
@@ -274,120 +265,6 @@ def format_table(results):
         key = HEADLINE.get(task, "accuracy")
         lines.append(f"{task:<10} {key:<10} {100 * metrics[key]:>6.1f}% {metrics['n']:>6}")
     return "\n".join(lines)
-
-
-def read_run(path):
-    """(projector, M, trainable projector parameters, results) of one run folder, or None where it holds no eval.json.
-    results gains R-GAE's relevance inside the box where `rgae.py --inside_box` wrote rgae_box.json."""
-    if not os.path.isfile(os.path.join(path, "eval.json")):
-        return None
-    with open(os.path.join(path, "eval.json")) as f:
-        results = json.load(f)
-    with open(os.path.join(path, "ckpt", "config.json")) as f:
-        cfg = json.load(f)
-    with safe_open(os.path.join(path, "ckpt", "model.safetensors"), "pt") as f:
-        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("projector."))
-    box = os.path.join(path, "rgae_box.json")
-    if os.path.isfile(box):
-        with open(box) as f:
-            b = json.load(f)
-        results["relevance in box"] = dict(n=b["n"], accuracy=b["share_in_box"])
-    return cfg["projector"], cfg["num_tokens"], params, results
-
-
-def compare_runs(roots):
-    """One markdown table: a row per run folder under the comma-separated roots that holds eval.json, with its
-    projector, visual tokens M, trainable projector parameters, each task's headline metric in %, and the relevance
-    inside the box. Several roots are the same runs under other seeds (out/compare,out/seed1/compare): a cell is
-    then the mean over the roots that hold the run, its lowest and highest value in brackets."""
-    runs, tasks = {}, []
-    for root in roots.split(","):
-        for name in sorted(os.listdir(root)):
-            run = read_run(os.path.join(root, name))
-            if run is not None:
-                runs.setdefault(name, []).append(run)
-                tasks += [t for t in run[3] if t not in tasks]
-    if not runs:
-        raise SystemExit(f"{roots}: no run folder with an eval.json")
-
-    def cell(values):
-        if not values:
-            return "-"
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{sum(values) / len(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
-    header = [f"{t} ({HEADLINE[t]})" if t in HEADLINE else t for t in tasks]
-    lines = ["| run | projector | M | projector params | runs | " + " | ".join(header) + " |",
-             "|" + " --- |" * (5 + len(tasks))]
-    for name, seeds in runs.items():
-        projector, m, params, _ = seeds[0]
-        cells = [cell([100 * r[t][HEADLINE.get(t, "accuracy")] for *_, r in seeds if t in r]) for t in tasks]
-        lines.append(f"| {name} | {projector} | {m} | {params:,} | {len(seeds)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]  # one per run in the plots
-
-
-def plot_curves(logs, names, path, size=(640, 360), smooth=20):
-    """The loss of each log.jsonl against its step, a moving average over `smooth` steps, drawn with pillow."""
-    curves = []
-    for log in logs:
-        losses = [r["loss"] for r in read_jsonl(log, ("loss",))]
-        curves.append([sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
-                       for i in range(len(losses))])
-    lo, hi = min(min(c) for c in curves), max(max(c) for c in curves)
-    steps = max(len(c) for c in curves)
-    W, H, pad = size[0], size[1], 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([pad, 10, W - 10, H - pad], outline="black")
-    xy = lambda i, v: (pad + (W - 10 - pad) * i / max(1, steps - 1), H - pad - (H - pad - 10) * (v - lo) / (hi - lo))
-    for k, (curve, name) in enumerate(zip(curves, names)):
-        colour = COLOURS[k % len(COLOURS)]
-        draw.line([xy(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
-        draw.text((W - 250, 16 + 14 * k), f"{name}: {curve[-1]:.3f}", fill=colour)
-        print(f"{name}: final loss (moving average) {curve[-1]:.4f}")
-    draw.text((pad, H - pad + 6), f"step 1 .. {steps}", fill="black")
-    draw.text((4, 10), f"{hi:.2f}", fill="black")
-    draw.text((4, H - pad - 10), f"{lo:.2f}", fill="black")
-    draw.text((pad + 4, H - 16), f"loss, moving average over {smooth} steps", fill="black")
-    image.save(path)
-    return [c[-1] for c in curves]
-
-
-def plot_bars(runs, path, size=(720, 360)):
-    """Each task's headline metric (eval.json) as a group of bars, one bar per run, drawn with pillow.
-    Returns {run: {task: value}}."""
-    scores = {}
-    for run in runs:
-        with open(os.path.join(run, "eval.json")) as f:
-            scores[run] = {t: m[HEADLINE.get(t, "accuracy")] for t, m in json.load(f).items()}
-    tasks = [t for t in HEADLINE if any(t in v for v in scores.values())]
-    W, H, pad = size[0], size[1], 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.line([(pad, H - pad), (W - 10, H - pad)], fill="black")
-    group = (W - 10 - pad) / len(tasks)
-    bar = group * 0.8 / len(runs)
-    for j, task in enumerate(tasks):
-        x0 = pad + j * group + group * 0.1
-        draw.text((x0, H - pad + 6), task, fill="black")
-        for k, run in enumerate(runs):
-            v = scores[run].get(task)
-            if v is not None:
-                top = H - pad - (H - pad - 40) * v
-                draw.rectangle([x0 + k * bar, top, x0 + (k + 1) * bar - 2, H - pad], fill=COLOURS[k % len(COLOURS)])
-    parts = [os.path.normpath(run).split(os.sep) for run in runs]
-    common = len(os.path.commonprefix(parts)) if len(runs) > 1 else 0
-    for k, run in enumerate(runs):
-        name = "/".join(parts[k][min(common, len(parts[k]) - 1):])  # the part of each path that tells runs apart
-        draw.text((pad + 170 * (k % 4), 4 + 12 * (k // 4)), name, fill=COLOURS[k % len(COLOURS)])
-    draw.text((4, 36), "100%", fill="black")
-    draw.text((4, H - pad - 10), "0%", fill="black")
-    image.save(path)
-    return scores
 
 
 def shapes_paths(cfg, train_cfg):
@@ -921,19 +798,6 @@ def format_scores(name, scores):
 
 def main(argv):
     cfg, _ = parse_args(EvalConfig, argv)
-    if cfg.table:
-        print(compare_runs(cfg.table))
-        return
-    if cfg.bars:
-        for run, values in plot_bars(cfg.bars.split(","), cfg.out or "bars.png").items():
-            print(run, " ".join(f"{t} {100 * v:.1f}" for t, v in values.items()))
-        print(f"wrote {cfg.out or 'bars.png'}")
-        return
-    if cfg.curves:
-        runs = cfg.curves.split(",")
-        plot_curves([os.path.join(r, "log.jsonl") for r in runs], runs, cfg.out or "curves.png")
-        print(f"wrote {cfg.out or 'curves.png'}")
-        return
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     bench = load_benchmark(cfg) if cfg.bench else None
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

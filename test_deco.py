@@ -1,6 +1,8 @@
 """
 Tests on tiny synthetic models, CPU only, nothing downloaded. Each checks behaviour against something independent:
-a formula, transformers' own implementation, or a case worked out by hand.
+a formula, transformers' own implementation, or a case worked out by hand. In the reading order of the project:
+the shared tiny parts, then data.py, model.py, projectors.py, train.py, eval.py, shapes.py, rgae.py, bench.py,
+experiments.py, and last the imports between them.
 """
 import filecmp
 import hashlib
@@ -24,6 +26,7 @@ import data
 import eval as ev
 import model as M
 import shapes
+import experiments as ex
 import train
 from config import parse_args
 from data import IGNORE_INDEX as X, IMAGE_TOKEN_INDEX as IMG
@@ -74,8 +77,373 @@ def parts(tmp_path_factory):
     return str(root / "vision"), str(root / "llm")
 
 
+# ---- a small shapes world, tiny models over its tokenizer, and train.py's arguments for them
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small shapes world, a 4x4-patch CLIP tower and a random Llama over the world's tokenizer."""
+    root = tmp_path_factory.mktemp("world")
+    w = shapes.build_shapes_world(str(root / "shapes"), seed=0, n_train=64, n_eval=4)
+    tokenizer = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    torch.manual_seed(0)
+    CLIPVisionModel(tiny_vision_config(image_size=96, patch_size=24)).save_pretrained(root / "vision")
+    clip_processor(96).save_pretrained(root / "vision")
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    mixed = json.load(open(w["finetune"]))[:48] + json.load(open(w["text"]))[:16]  # image and text-only samples
+    with open(root / "mixed.json", "w") as f:
+        json.dump(mixed, f)
+    return dict(w, vision=str(root / "vision"), llm=str(root / "llm"), mixed=str(root / "mixed.json"))
+
+
+def train_args(world, out_dir, *extra):
+    args = dict(vision_tower=world["vision"], llm=world["llm"], data_path=world["pretrain"],
+                finetune_data_path=world["mixed"], image_folder=world["image_folder"], out_dir=str(out_dir),
+                num_tokens=4, pretrain_batch_size=16, finetune_batch_size=16, micro_batch_size=8, max_length=256,
+                lora_r=4, lora_alpha=8, num_workers=0, pretrain_lr=1e-2, finetune_lr=1e-2,
+                finetune_projector_lr=1e-2)
+    return [f"--{k}={v}" for k, v in args.items()] + list(extra)
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# =============================================================================
+# data.py
+
 # -----------------------------------------------------------------------------
-# projectors
+# a word-level tokenizer whose ids can be written by hand: spaces separate words, "\n" is a word of its own,
+# and every word of SYSTEM is <unk>
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "\n", "what", "colour?", "shape?", "red", "circle"]
+PAD, BOS, EOS, UNK, USER, ASSISTANT, NL, WHAT, COLOUR, SHAPE, RED, CIRCLE = range(len(WORDS))
+SYS = [UNK] * len(data.SYSTEM.split())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
+                                               pre_tokenizers.Split(Regex("\n"), "isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def conv(*values):
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+
+TWO_TURNS = conv("<image>\nwhat colour?", "red", "what shape?", "circle")
+
+# -----------------------------------------------------------------------------
+# templates
+
+
+def test_vicuna_two_turns_by_hand(tok):
+    ids, labels = data.tokenize_conversation(tok, TWO_TURNS, "vicuna_v1")
+    expected_ids = ([BOS] + SYS + [USER, IMG, NL, WHAT, COLOUR, ASSISTANT, RED, EOS]
+                    + [USER, WHAT, SHAPE, ASSISTANT, CIRCLE, EOS])
+    expected_labels = [X] * (1 + len(SYS)) + [X] * 6 + [RED, EOS] + [X] * 4 + [CIRCLE, EOS]
+    assert ids == expected_ids
+    assert labels == expected_labels
+
+
+def test_plain_by_hand(tok):
+    ids, labels = data.tokenize_conversation(tok, conv("<image>\nwhat colour?", "red circle"), "plain")
+    assert ids == [BOS, IMG, RED, CIRCLE, NL]  # human text dropped
+    assert labels == [X, X, RED, CIRCLE, NL]
+
+
+def test_image_after_text(tok):
+    ids, labels = data.tokenize_conversation(tok, conv("what colour?\n<image>", "red"), "vicuna_v1")
+    assert ids == [BOS] + SYS + [USER, WHAT, COLOUR, NL, IMG, ASSISTANT, RED, EOS]
+    assert labels == [X] * (1 + len(SYS)) + [X] * 6 + [RED, EOS]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain"])
+@pytest.mark.parametrize("question", ["<image>\nwhat colour?", "what shape?\n<image>", "what colour?"])
+def test_prompt_ids_is_the_unsupervised_prefix(tok, template, question):
+    ids, labels = data.tokenize_conversation(tok, conv(question, "red"), template)
+    first_label = next(k for k, label in enumerate(labels) if label != X)
+    assert data.prompt_ids(tok, question, template) == ids[:first_label]
+
+
+def test_prompt_ids_vicuna_by_hand(tok):
+    assert data.prompt_ids(tok, "<image>\nwhat colour?") == [BOS] + SYS + [USER, IMG, NL, WHAT, COLOUR, ASSISTANT]
+
+
+@pytest.mark.parametrize("conversations, message", [
+    (conv("<image>\nwhat colour?"), "no assistant turn"),
+    (conv("what colour?", "red", "what shape?"), "no assistant reply"),
+    ([{"from": "gpt", "value": "red"}, {"from": "human", "value": "what?"}], "conversations[0].from"),
+    ([{"from": "human", "value": "what?"}, {"from": "gpt", "value": 3}], "conversations[1].value"),
+    (conv("<image> what", "red <image>"), "assistant turn"),
+])
+def test_bad_conversations(tok, conversations, message):
+    with pytest.raises(ValueError, match=r"^f\.json: record 7") as e:
+        data.tokenize_conversation(tok, conversations, "vicuna_v1", where="f.json: record 7")
+    assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+def test_expand2square_centres_and_pads_with_background():
+    img = data.expand2square(Image.new("RGB", (40, 20), (255, 0, 0)), (1, 2, 3))
+    assert img.size == (40, 40)
+    assert img.getpixel((20, 2)) == (1, 2, 3) and img.getpixel((20, 37)) == (1, 2, 3)
+    assert img.getpixel((0, 10)) == (255, 0, 0) and img.getpixel((39, 29)) == (255, 0, 0)
+
+
+def test_load_image_pad_uses_the_processor_mean(tmp_path, processor):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (64, 16), (255, 0, 0)).save(path)
+    x = data.load_image(path, processor, "pad")  # 64x64 square, resized to 32x32
+    assert x.shape == (3, 32, 32)
+    # the mean colour normalises to ~0 (int() truncation costs at most 1/255 before dividing by std)
+    assert x[:, :4].abs().max() < 0.02 and x[:, -4:].abs().max() < 0.02
+    assert x[0, 16, 16] > 1.5  # red stays red in the middle band
+    crop = data.load_image(path, processor, "crop")  # short side to 32, centre crop: red everywhere
+    assert crop.shape == (3, 32, 32) and crop[0].min() > 1.5
+
+
+# -----------------------------------------------------------------------------
+# the dataset: truncation, bad inputs, skipping, collation
+
+
+def write_dataset(tmp_path, records, image=True):
+    if image:
+        Image.new("RGB", (20, 30), (0, 0, 255)).save(tmp_path / "a.png")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def dataset(path, tmp_path, tok, processor, M=4, max_length=64, template="vicuna_v1", **kw):
+    return data.LlavaDataset(path, str(tmp_path), tok, processor, template, "pad", M, max_length, **kw)
+
+
+def test_sample_and_truncation_budget(tmp_path, tok, processor):
+    path = write_dataset(tmp_path, [{"id": "s0", "image": "a.png", "conversations": TWO_TURNS},
+                                    {"id": "s1", "conversations": conv("what colour?", "red")}])
+    full = len(SYS) + 15
+    s = dataset(path, tmp_path, tok, processor)[0]
+    assert len(s["input_ids"]) == full and s["pixel_values"].shape == (3, 32, 32)
+    # with an image the M visual tokens replace one id: T - 1 + M <= max_length
+    s = dataset(path, tmp_path, tok, processor, M=5, max_length=full - 2)[0]
+    assert len(s["input_ids"]) == full - 6
+    assert s["labels"].tolist()[-2:] == [RED, EOS]
+    s = dataset(path, tmp_path, tok, processor, M=5, max_length=len(SYS) + 6)[1]  # text-only: T <= max_length
+    assert len(s["input_ids"]) == len(SYS) + 6 and s["pixel_values"] is None
+
+
+def test_truncation_to_nothing_raises(tmp_path, tok, processor):
+    path = write_dataset(tmp_path, [{"id": "s0", "image": "a.png", "conversations": TWO_TURNS}])
+    ds = dataset(path, tmp_path, tok, processor, M=4, max_length=len(SYS) + 8)
+    with pytest.raises(ValueError, match=r"d\.json: record 0 \(id s0\): field 'conversations' has no supervised"):
+        ds[0]
+
+
+def test_missing_and_corrupt_images(tmp_path, tok, processor):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    path = write_dataset(tmp_path, [{"id": "a", "image": "nope.png", "conversations": TWO_TURNS},
+                                    {"id": "b", "image": "bad.png", "conversations": TWO_TURNS}])
+    ds = dataset(path, tmp_path, tok, processor)
+    with pytest.raises(ValueError, match=r"d\.json: record 0 \(id a\): field 'image': .*nope\.png: cannot read"):
+        ds[0]
+    with pytest.raises(ValueError, match=r"d\.json: record 1 \(id b\): field 'image': .*bad\.png: cannot read"):
+        ds[1]
+
+
+def test_malformed_json(tmp_path, tok, processor):
+    path = tmp_path / "d.json"
+    path.write_text('[{"id": "a", "conversations": []},\n {"id": }]')
+    with pytest.raises(ValueError, match=r"d\.json: malformed JSON at line 2 column"):
+        dataset(str(path), tmp_path, tok, processor)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"id": "a", "image": "a.png", "conversations": conv("<image>\nwhat colour?")},
+     r"record 0 \(id a\): conversation has no assistant turn"),
+    ({"id": "a", "image": "a.png"}, r"record 0 \(id a\): field 'conversations' is missing"),
+    ({"id": "a", "image": "a.png", "conversations": conv("what colour?", "red")},
+     r"record 0 \(id a\): field 'conversations' needs one <image>"),
+    ({"id": "a", "conversations": conv("<image>\nwhat colour?", "red")}, r"record 0 \(id a\): field 'image'"),
+])
+def test_bad_records_fail_on_load(tmp_path, tok, processor, record, message):
+    path = write_dataset(tmp_path, [record])
+    with pytest.raises(ValueError, match=r"d\.json: " + message):
+        dataset(path, tmp_path, tok, processor)
+
+
+def test_skip_bad_counts_and_collate_drops(tmp_path, tok, processor):
+    path = write_dataset(tmp_path, [{"id": "ok", "image": "a.png", "conversations": TWO_TURNS},
+                                    {"id": "gone", "image": "nope.png", "conversations": TWO_TURNS},
+                                    {"id": "text", "conversations": conv("what colour?", "red")},
+                                    {"id": "broken", "conversations": conv("what colour?")}])
+    ds = dataset(path, tmp_path, tok, processor, skip_bad=True)
+    assert ds.num_skipped == 1  # "broken", on load
+    batch = data.collate([ds[i] for i in range(len(ds))], pad_id=PAD, image_size=32)
+    assert ds.num_skipped == 2
+    T = len(SYS) + 15
+    assert batch["input_ids"].shape == (2, T) and batch["labels"].shape == (2, T)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["has_image"].tolist() == [True, False]
+    n_text = len(SYS) + 7
+    assert batch["attention_mask"].sum(1).tolist() == [T, n_text]
+    assert (batch["input_ids"][1, n_text:] == PAD).all() and (batch["labels"][1, n_text:] == X).all()
+    assert (batch["pixel_values"][1] == 0).all()
+    assert data.collate([None], pad_id=PAD, image_size=32) is None
+
+
+# =============================================================================
+# model.py: the MLLM
+
+
+def test_llava_import_matches_transformers(tmp_path):
+    """Our model built from a Hugging Face LLaVA checkpoint gives transformers' logits for the same image and prompt."""
+    torch.manual_seed(0)
+    vocab = LLM_WORDS + ["<image>"]
+    cfg = LlavaConfig(vision_config=tiny_vision_config(), text_config=tiny_llama_config(len(vocab)),
+                      image_token_index=len(vocab) - 1)
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    llava.save_pretrained(tmp_path)
+    word_tokenizer(vocab).save_pretrained(tmp_path)
+    clip_processor(32).save_pretrained(tmp_path)
+
+    ours, _, _, _ = M.load_model(str(tmp_path))
+    pixel_values = torch.randn(1, 3, 32, 32)
+    text_before, text_after = [1, 7, 8], [9, 10, 6, 11]
+    n = 16  # 4x4 patches, CLS dropped
+    theirs = llava(input_ids=torch.tensor([text_before + [cfg.image_token_index] * n + text_after]),
+                   pixel_values=pixel_values).logits
+    ids = torch.tensor([text_before + [M.IMAGE_TOKEN_INDEX] + text_after])
+    mine = ours(ids, torch.ones_like(ids), torch.full_like(ids, M.IGNORE_INDEX), pixel_values)[1]
+    assert mine.shape == theirs.shape
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    import rgae  # R-GAE runs on the imported model too (it switches the LLM to eager attention itself)
+    maps = rgae.relevance(ours, pixel_values[0], text_before + [M.IMAGE_TOKEN_INDEX], text_after)
+    assert maps["text_to_patch"].shape == (n,) and maps["text_to_query"].sum() > 0
+    torch.testing.assert_close(maps["query_to_patch"], torch.eye(n))
+
+
+def test_text_only_and_image_samples_share_a_batch(parts):
+    vision, llm = parts
+    model, _, _ = M.build_model(vision, llm, "avgpool", 4)
+    ids = torch.tensor([[1, 4, M.IMAGE_TOKEN_INDEX, 5, 6], [1, 7, 8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, 8, 9, -100]])
+    pixel_values = torch.randn(2, 3, 32, 32)
+    loss, logits = model(ids, mask, labels, pixel_values)
+    # spliced: [1, 4, v, v, v, v, 5, 6] and [1, 7, 8, 9, pad...]; the positions predicting a label: 1, 2, 5, 6
+    assert logits.shape[:2] == (2, 4)
+    loss.backward()  # every projector parameter is in the graph, even for the text-only sample
+    assert all(p.grad is not None for p in model.projector.parameters())
+    with torch.no_grad():  # the same loss from the logits of every position
+        embeds, attention, spliced, positions = model.splice(ids, mask, labels, pixel_values)
+        full = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
+        torch.testing.assert_close(full[:, [1, 2, 5, 6]], logits)
+        torch.testing.assert_close(loss, F.cross_entropy(full[:, :-1].flatten(0, 1), spliced[:, 1:].flatten()))
+
+
+def test_batched_generation_equals_one_by_one(parts):
+    """Left padding and the KV cache change nothing: batched greedy = each prompt alone without a cache."""
+    vision, llm = parts
+    torch.manual_seed(0)
+    model, _, _ = M.build_model(vision, llm, "avgpool", 4)
+    model.eval()
+    prompts = [[1, 4, M.IMAGE_TOKEN_INDEX, 5], [1, M.IMAGE_TOKEN_INDEX, 7, 8, 9, 10]]
+    images = torch.randn(2, 3, 32, 32)
+    batched = model.generate(prompts, images, max_new_tokens=6, eos_token_id=-1)
+    alone = [model.generate([p], images[i:i + 1], max_new_tokens=6, eos_token_id=-1, use_cache=False)[0]
+             for i, p in enumerate(prompts)]
+    assert batched == alone and all(len(a) == 6 for a in alone)
+
+
+def test_save_load_round_trip(parts, tmp_path):
+    vision, llm = parts
+    torch.manual_seed(0)
+    model, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    M.save_trainable(model, tmp_path / "w.safetensors")
+    torch.manual_seed(1)
+    other, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
+    M.load_trainable(other, tmp_path / "w.safetensors")
+    a, b = M.trainable_state_dict(model), M.trainable_state_dict(other)
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a) and any(k.startswith("projector.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wrong, _, _ = M.build_model(vision, llm, "avgpool", 9, lora_r=4, lora_alpha=8)  # another M: nothing loads silently
+    with pytest.raises(ValueError):
+        M.load_trainable(wrong, tmp_path / "w.safetensors")
+
+
+def test_lora_on_every_linear_but_lm_head(parts):
+    vision, llm = parts
+    model, _, _ = M.build_model(vision, llm, "linear", lora_r=4, lora_alpha=8)
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.llm.named_parameters() if ".lora_A." in n}
+    linears = {n for n, m in model.llm.named_modules() if type(m) is torch.nn.Linear and "lora_" not in n
+               and not n.endswith("lm_head")}
+    assert {n.rsplit(".base_layer", 1)[0] for n in linears} == wrapped
+    assert not any("lm_head" in n for n in wrapped)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_vision_features_are_the_penultimate_layer_without_cls(parts, tmp_path, kind):
+    """CLIP: hidden_states[-2] minus its CLS row; SigLIP (no CLS): hidden_states[-2] as it is."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    vision, llm = parts
+    if kind == "siglip":
+        vision = str(tmp_path / "siglip")
+        SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4)).save_pretrained(vision)
+        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision)
+    model, _, processor = M.build_model(vision, llm, "linear")
+    x = torch.randn(2, 3, 32, 32)
+    hidden = model.vision_tower(x, output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape[1] == (17 if kind == "clip" else 16)
+    expected = model.projector(hidden[:, 1:] if kind == "clip" else hidden)
+    torch.testing.assert_close(model.encode_images(x), expected)
+    assert model.num_visual_tokens == 16
+
+
+def test_gradient_checkpointing_changes_no_gradient(parts):
+    vision, llm = parts
+    ids = torch.tensor([[1, 4, M.IMAGE_TOKEN_INDEX, 5, 6, 7]])
+    labels = torch.tensor([[-100, -100, -100, 5, 6, 7]])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
+        if checkpointing:
+            model.llm.activation_checkpointing_enable()  # non-reentrant by default
+        model.train()
+        model(ids, torch.ones_like(ids), labels, torch.ones(1, 3, 32, 32))[0].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n])
+
+
+def test_placeholder_ids_agree():
+    assert data.IMAGE_TOKEN_INDEX == M.IMAGE_TOKEN_INDEX and data.IGNORE_INDEX == M.IGNORE_INDEX
+
+# =============================================================================
+# projectors.py
 
 
 @pytest.mark.parametrize("name,M", [("linear", 16), ("avgpool", 4), ("maxpool", 4), ("avgpool", 9), ("qformer", 4),
@@ -360,707 +728,263 @@ def test_attention_recording(name, expected):
     assert len(attentions) == len(expected)
 
 
-# -----------------------------------------------------------------------------
-# the MLLM
-
-
-def test_llava_import_matches_transformers(tmp_path):
-    """Our model built from a Hugging Face LLaVA checkpoint gives transformers' logits for the same image and prompt."""
-    torch.manual_seed(0)
-    vocab = LLM_WORDS + ["<image>"]
-    cfg = LlavaConfig(vision_config=tiny_vision_config(), text_config=tiny_llama_config(len(vocab)),
-                      image_token_index=len(vocab) - 1)
-    llava = LlavaForConditionalGeneration(cfg).eval()
-    llava.save_pretrained(tmp_path)
-    word_tokenizer(vocab).save_pretrained(tmp_path)
-    clip_processor(32).save_pretrained(tmp_path)
-
-    ours, _, _, _ = M.load_model(str(tmp_path))
-    pixel_values = torch.randn(1, 3, 32, 32)
-    text_before, text_after = [1, 7, 8], [9, 10, 6, 11]
-    n = 16  # 4x4 patches, CLS dropped
-    theirs = llava(input_ids=torch.tensor([text_before + [cfg.image_token_index] * n + text_after]),
-                   pixel_values=pixel_values).logits
-    ids = torch.tensor([text_before + [M.IMAGE_TOKEN_INDEX] + text_after])
-    mine = ours(ids, torch.ones_like(ids), torch.full_like(ids, M.IGNORE_INDEX), pixel_values)[1]
-    assert mine.shape == theirs.shape
-    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
-    import rgae  # R-GAE runs on the imported model too (it switches the LLM to eager attention itself)
-    maps = rgae.relevance(ours, pixel_values[0], text_before + [M.IMAGE_TOKEN_INDEX], text_after)
-    assert maps["text_to_patch"].shape == (n,) and maps["text_to_query"].sum() > 0
-    torch.testing.assert_close(maps["query_to_patch"], torch.eye(n))
-
-
-def test_bench_feeds_transformers_llava_our_batch(tmp_path):
-    """bench.py's transformers side trains the same parameters, and with our weights copied in (LoRA included) gives
-    our loss on its batch: the image token repeated N times, its labels ignored."""
-    import bench
-    cfg = bench.BenchConfig(batch_size=2, text_tokens=12)
-    bench.save_models(cfg, tmp_path)
-    ours = M.build_model(str(tmp_path / "vision"), str(tmp_path / "llm"), "linear", 0, cfg.lora_r, 2 * cfg.lora_r,
-                         attn_implementation="eager")[0]
-    theirs = bench.build_hf_llava(cfg, str(tmp_path), torch.float32)
-    trainable = [p for p in ours.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == sum(p.numel() for p in trainable)
-    with torch.no_grad():
-        for p in trainable:  # LoRA's B starts at zero: make every adapter count
-            p.normal_(0, 0.05)
-    llava, llm = theirs.base_model.model, ours.llm.base_model.model
-    llava.model.vision_tower.load_state_dict(ours.vision_tower.state_dict())
-    llava.model.language_model.load_state_dict(llm.model.state_dict())
-    llava.lm_head.load_state_dict(llm.lm_head.state_dict())
-    llava.model.multi_modal_projector.linear_1.load_state_dict(ours.projector[0].state_dict())
-    llava.model.multi_modal_projector.linear_2.load_state_dict(ours.projector[2].state_dict())
-    ids, pixels = bench.random_inputs(cfg, ours.vision_tower.config.image_size)
-    N = ours.num_visual_tokens
-    expanded = bench.expand_image(ids, N, bench.HF_IMAGE_TOKEN)
-    assert expanded.shape == (2, 12 - 1 + N)
-    mine = ours(ids, torch.ones_like(ids), ids.clamp(min=0), pixels)[0]
-    loss = theirs(input_ids=expanded, attention_mask=torch.ones_like(expanded), labels=bench.expand_image(ids, N, X),
-                  pixel_values=pixels).loss
-    torch.testing.assert_close(mine, loss)
-
-
-def test_text_only_and_image_samples_share_a_batch(parts):
-    vision, llm = parts
-    model, _, _ = M.build_model(vision, llm, "avgpool", 4)
-    ids = torch.tensor([[1, 4, M.IMAGE_TOKEN_INDEX, 5, 6], [1, 7, 8, 9, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, 8, 9, -100]])
-    pixel_values = torch.randn(2, 3, 32, 32)
-    loss, logits = model(ids, mask, labels, pixel_values)
-    # spliced: [1, 4, v, v, v, v, 5, 6] and [1, 7, 8, 9, pad...]; the positions predicting a label: 1, 2, 5, 6
-    assert logits.shape[:2] == (2, 4)
-    loss.backward()  # every projector parameter is in the graph, even for the text-only sample
-    assert all(p.grad is not None for p in model.projector.parameters())
-    with torch.no_grad():  # the same loss from the logits of every position
-        embeds, attention, spliced, positions = model.splice(ids, mask, labels, pixel_values)
-        full = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
-        torch.testing.assert_close(full[:, [1, 2, 5, 6]], logits)
-        torch.testing.assert_close(loss, F.cross_entropy(full[:, :-1].flatten(0, 1), spliced[:, 1:].flatten()))
-
-
-def test_batched_generation_equals_one_by_one(parts):
-    """Left padding and the KV cache change nothing: batched greedy = each prompt alone without a cache."""
-    vision, llm = parts
-    torch.manual_seed(0)
-    model, _, _ = M.build_model(vision, llm, "avgpool", 4)
-    model.eval()
-    prompts = [[1, 4, M.IMAGE_TOKEN_INDEX, 5], [1, M.IMAGE_TOKEN_INDEX, 7, 8, 9, 10]]
-    images = torch.randn(2, 3, 32, 32)
-    batched = model.generate(prompts, images, max_new_tokens=6, eos_token_id=-1)
-    alone = [model.generate([p], images[i:i + 1], max_new_tokens=6, eos_token_id=-1, use_cache=False)[0]
-             for i, p in enumerate(prompts)]
-    assert batched == alone and all(len(a) == 6 for a in alone)
-
-
-def test_save_load_round_trip(parts, tmp_path):
-    vision, llm = parts
-    torch.manual_seed(0)
-    model, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_()
-    M.save_trainable(model, tmp_path / "w.safetensors")
-    torch.manual_seed(1)
-    other, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
-    M.load_trainable(other, tmp_path / "w.safetensors")
-    a, b = M.trainable_state_dict(model), M.trainable_state_dict(other)
-    assert a.keys() == b.keys() and any("lora_A" in k for k in a) and any(k.startswith("projector.") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    wrong, _, _ = M.build_model(vision, llm, "avgpool", 9, lora_r=4, lora_alpha=8)  # another M: nothing loads silently
-    with pytest.raises(ValueError):
-        M.load_trainable(wrong, tmp_path / "w.safetensors")
-
-
-def test_lora_on_every_linear_but_lm_head(parts):
-    vision, llm = parts
-    model, _, _ = M.build_model(vision, llm, "linear", lora_r=4, lora_alpha=8)
-    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.llm.named_parameters() if ".lora_A." in n}
-    linears = {n for n, m in model.llm.named_modules() if type(m) is torch.nn.Linear and "lora_" not in n
-               and not n.endswith("lm_head")}
-    assert {n.rsplit(".base_layer", 1)[0] for n in linears} == wrapped
-    assert not any("lm_head" in n for n in wrapped)
-
-
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_vision_features_are_the_penultimate_layer_without_cls(parts, tmp_path, kind):
-    """CLIP: hidden_states[-2] minus its CLS row; SigLIP (no CLS): hidden_states[-2] as it is."""
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-    vision, llm = parts
-    if kind == "siglip":
-        vision = str(tmp_path / "siglip")
-        SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4)).save_pretrained(vision)
-        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision)
-    model, _, processor = M.build_model(vision, llm, "linear")
-    x = torch.randn(2, 3, 32, 32)
-    hidden = model.vision_tower(x, output_hidden_states=True).hidden_states[-2]
-    assert hidden.shape[1] == (17 if kind == "clip" else 16)
-    expected = model.projector(hidden[:, 1:] if kind == "clip" else hidden)
-    torch.testing.assert_close(model.encode_images(x), expected)
-    assert model.num_visual_tokens == 16
-
-
-def test_gradient_checkpointing_changes_no_gradient(parts):
-    vision, llm = parts
-    ids = torch.tensor([[1, 4, M.IMAGE_TOKEN_INDEX, 5, 6, 7]])
-    labels = torch.tensor([[-100, -100, -100, 5, 6, 7]])
-    grads = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model, _, _ = M.build_model(vision, llm, "avgpool", 4, lora_r=4, lora_alpha=8)
-        if checkpointing:
-            model.llm.activation_checkpointing_enable()  # non-reentrant by default
-        model.train()
-        model(ids, torch.ones_like(ids), labels, torch.ones(1, 3, 32, 32))[0].backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n])
-
-
-def test_placeholder_ids_agree():
-    assert data.IMAGE_TOKEN_INDEX == M.IMAGE_TOKEN_INDEX and data.IGNORE_INDEX == M.IGNORE_INDEX
-
 # =============================================================================
-# data.py
-
-# -----------------------------------------------------------------------------
-# a word-level tokenizer whose ids can be written by hand: spaces separate words, "\n" is a word of its own,
-# and every word of SYSTEM is <unk>
-
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "\n", "what", "colour?", "shape?", "red", "circle"]
-PAD, BOS, EOS, UNK, USER, ASSISTANT, NL, WHAT, COLOUR, SHAPE, RED, CIRCLE = range(len(WORDS))
-SYS = [UNK] * len(data.SYSTEM.split())
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
-                                               pre_tokenizers.Split(Regex("\n"), "isolated")])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def processor():
-    from transformers import CLIPImageProcessor
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-
-
-def conv(*values):
-    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
-
-
-TWO_TURNS = conv("<image>\nwhat colour?", "red", "what shape?", "circle")
-
-# -----------------------------------------------------------------------------
-# templates
-
-
-def test_vicuna_two_turns_by_hand(tok):
-    ids, labels = data.tokenize_conversation(tok, TWO_TURNS, "vicuna_v1")
-    expected_ids = ([BOS] + SYS + [USER, IMG, NL, WHAT, COLOUR, ASSISTANT, RED, EOS]
-                    + [USER, WHAT, SHAPE, ASSISTANT, CIRCLE, EOS])
-    expected_labels = [X] * (1 + len(SYS)) + [X] * 6 + [RED, EOS] + [X] * 4 + [CIRCLE, EOS]
-    assert ids == expected_ids
-    assert labels == expected_labels
-
-
-def test_plain_by_hand(tok):
-    ids, labels = data.tokenize_conversation(tok, conv("<image>\nwhat colour?", "red circle"), "plain")
-    assert ids == [BOS, IMG, RED, CIRCLE, NL]  # human text dropped
-    assert labels == [X, X, RED, CIRCLE, NL]
-
-
-def test_image_after_text(tok):
-    ids, labels = data.tokenize_conversation(tok, conv("what colour?\n<image>", "red"), "vicuna_v1")
-    assert ids == [BOS] + SYS + [USER, WHAT, COLOUR, NL, IMG, ASSISTANT, RED, EOS]
-    assert labels == [X] * (1 + len(SYS)) + [X] * 6 + [RED, EOS]
-
-
-@pytest.mark.parametrize("template", ["vicuna_v1", "plain"])
-@pytest.mark.parametrize("question", ["<image>\nwhat colour?", "what shape?\n<image>", "what colour?"])
-def test_prompt_ids_is_the_unsupervised_prefix(tok, template, question):
-    ids, labels = data.tokenize_conversation(tok, conv(question, "red"), template)
-    first_label = next(k for k, label in enumerate(labels) if label != X)
-    assert data.prompt_ids(tok, question, template) == ids[:first_label]
-
-
-def test_prompt_ids_vicuna_by_hand(tok):
-    assert data.prompt_ids(tok, "<image>\nwhat colour?") == [BOS] + SYS + [USER, IMG, NL, WHAT, COLOUR, ASSISTANT]
-
-
-@pytest.mark.parametrize("conversations, message", [
-    (conv("<image>\nwhat colour?"), "no assistant turn"),
-    (conv("what colour?", "red", "what shape?"), "no assistant reply"),
-    ([{"from": "gpt", "value": "red"}, {"from": "human", "value": "what?"}], "conversations[0].from"),
-    ([{"from": "human", "value": "what?"}, {"from": "gpt", "value": 3}], "conversations[1].value"),
-    (conv("<image> what", "red <image>"), "assistant turn"),
-])
-def test_bad_conversations(tok, conversations, message):
-    with pytest.raises(ValueError, match=r"^f\.json: record 7") as e:
-        data.tokenize_conversation(tok, conversations, "vicuna_v1", where="f.json: record 7")
-    assert message in str(e.value)
-
-
-# -----------------------------------------------------------------------------
-# images
-
-
-def test_expand2square_centres_and_pads_with_background():
-    img = data.expand2square(Image.new("RGB", (40, 20), (255, 0, 0)), (1, 2, 3))
-    assert img.size == (40, 40)
-    assert img.getpixel((20, 2)) == (1, 2, 3) and img.getpixel((20, 37)) == (1, 2, 3)
-    assert img.getpixel((0, 10)) == (255, 0, 0) and img.getpixel((39, 29)) == (255, 0, 0)
-
-
-def test_load_image_pad_uses_the_processor_mean(tmp_path, processor):
-    path = tmp_path / "wide.png"
-    Image.new("RGB", (64, 16), (255, 0, 0)).save(path)
-    x = data.load_image(path, processor, "pad")  # 64x64 square, resized to 32x32
-    assert x.shape == (3, 32, 32)
-    # the mean colour normalises to ~0 (int() truncation costs at most 1/255 before dividing by std)
-    assert x[:, :4].abs().max() < 0.02 and x[:, -4:].abs().max() < 0.02
-    assert x[0, 16, 16] > 1.5  # red stays red in the middle band
-    crop = data.load_image(path, processor, "crop")  # short side to 32, centre crop: red everywhere
-    assert crop.shape == (3, 32, 32) and crop[0].min() > 1.5
-
-
-# -----------------------------------------------------------------------------
-# the dataset: truncation, bad inputs, skipping, collation
-
-
-def write_dataset(tmp_path, records, image=True):
-    if image:
-        Image.new("RGB", (20, 30), (0, 0, 255)).save(tmp_path / "a.png")
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps(records))
-    return str(path)
-
-
-def dataset(path, tmp_path, tok, processor, M=4, max_length=64, template="vicuna_v1", **kw):
-    return data.LlavaDataset(path, str(tmp_path), tok, processor, template, "pad", M, max_length, **kw)
-
-
-def test_sample_and_truncation_budget(tmp_path, tok, processor):
-    path = write_dataset(tmp_path, [{"id": "s0", "image": "a.png", "conversations": TWO_TURNS},
-                                    {"id": "s1", "conversations": conv("what colour?", "red")}])
-    full = len(SYS) + 15
-    s = dataset(path, tmp_path, tok, processor)[0]
-    assert len(s["input_ids"]) == full and s["pixel_values"].shape == (3, 32, 32)
-    # with an image the M visual tokens replace one id: T - 1 + M <= max_length
-    s = dataset(path, tmp_path, tok, processor, M=5, max_length=full - 2)[0]
-    assert len(s["input_ids"]) == full - 6
-    assert s["labels"].tolist()[-2:] == [RED, EOS]
-    s = dataset(path, tmp_path, tok, processor, M=5, max_length=len(SYS) + 6)[1]  # text-only: T <= max_length
-    assert len(s["input_ids"]) == len(SYS) + 6 and s["pixel_values"] is None
-
-
-def test_truncation_to_nothing_raises(tmp_path, tok, processor):
-    path = write_dataset(tmp_path, [{"id": "s0", "image": "a.png", "conversations": TWO_TURNS}])
-    ds = dataset(path, tmp_path, tok, processor, M=4, max_length=len(SYS) + 8)
-    with pytest.raises(ValueError, match=r"d\.json: record 0 \(id s0\): field 'conversations' has no supervised"):
-        ds[0]
-
-
-def test_missing_and_corrupt_images(tmp_path, tok, processor):
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    path = write_dataset(tmp_path, [{"id": "a", "image": "nope.png", "conversations": TWO_TURNS},
-                                    {"id": "b", "image": "bad.png", "conversations": TWO_TURNS}])
-    ds = dataset(path, tmp_path, tok, processor)
-    with pytest.raises(ValueError, match=r"d\.json: record 0 \(id a\): field 'image': .*nope\.png: cannot read"):
-        ds[0]
-    with pytest.raises(ValueError, match=r"d\.json: record 1 \(id b\): field 'image': .*bad\.png: cannot read"):
-        ds[1]
-
-
-def test_malformed_json(tmp_path, tok, processor):
-    path = tmp_path / "d.json"
-    path.write_text('[{"id": "a", "conversations": []},\n {"id": }]')
-    with pytest.raises(ValueError, match=r"d\.json: malformed JSON at line 2 column"):
-        dataset(str(path), tmp_path, tok, processor)
-
-
-@pytest.mark.parametrize("record, message", [
-    ({"id": "a", "image": "a.png", "conversations": conv("<image>\nwhat colour?")},
-     r"record 0 \(id a\): conversation has no assistant turn"),
-    ({"id": "a", "image": "a.png"}, r"record 0 \(id a\): field 'conversations' is missing"),
-    ({"id": "a", "image": "a.png", "conversations": conv("what colour?", "red")},
-     r"record 0 \(id a\): field 'conversations' needs one <image>"),
-    ({"id": "a", "conversations": conv("<image>\nwhat colour?", "red")}, r"record 0 \(id a\): field 'image'"),
-])
-def test_bad_records_fail_on_load(tmp_path, tok, processor, record, message):
-    path = write_dataset(tmp_path, [record])
-    with pytest.raises(ValueError, match=r"d\.json: " + message):
-        dataset(path, tmp_path, tok, processor)
-
-
-def test_skip_bad_counts_and_collate_drops(tmp_path, tok, processor):
-    path = write_dataset(tmp_path, [{"id": "ok", "image": "a.png", "conversations": TWO_TURNS},
-                                    {"id": "gone", "image": "nope.png", "conversations": TWO_TURNS},
-                                    {"id": "text", "conversations": conv("what colour?", "red")},
-                                    {"id": "broken", "conversations": conv("what colour?")}])
-    ds = dataset(path, tmp_path, tok, processor, skip_bad=True)
-    assert ds.num_skipped == 1  # "broken", on load
-    batch = data.collate([ds[i] for i in range(len(ds))], pad_id=PAD, image_size=32)
-    assert ds.num_skipped == 2
-    T = len(SYS) + 15
-    assert batch["input_ids"].shape == (2, T) and batch["labels"].shape == (2, T)
-    assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    assert batch["has_image"].tolist() == [True, False]
-    n_text = len(SYS) + 7
-    assert batch["attention_mask"].sum(1).tolist() == [T, n_text]
-    assert (batch["input_ids"][1, n_text:] == PAD).all() and (batch["labels"][1, n_text:] == X).all()
-    assert (batch["pixel_values"][1] == 0).all()
-    assert data.collate([None], pad_id=PAD, image_size=32) is None
-
-
-# -----------------------------------------------------------------------------
-# the shapes world
-
-
-SMALL = dict(n_train=20, n_eval=5)
-
-
-def files_of(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
-
-
-def test_world_is_deterministic_and_well_formed(tmp_path):
-    a = shapes.build_shapes_world(tmp_path / "a", seed=1, **SMALL)
-    b = shapes.build_shapes_world(tmp_path / "b", seed=1, **SMALL)
-    names = files_of(a["root"])
-    assert names == files_of(b["root"]) and len([n for n in names if n.endswith(".png")]) == 25
-    _, mismatch, errors = filecmp.cmpfiles(a["root"], b["root"], names, shallow=False)
-    assert mismatch == [] and errors == []
-
-    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-    for text in ["[0.12, 0.34, 0.56, 0.78]", data.SYSTEM + " USER: What colour is the circle? ASSISTANT: red"]:
-        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
-    assert tok.convert_ids_to_tokens([tok.pad_token_id, tok.bos_token_id, tok.eos_token_id]) == ["<pad>", "<s>",
-                                                                                                  "</s>"]
-    for key, template in [("pretrain", "plain"), ("finetune", "vicuna_v1"), ("text", "vicuna_v1")]:
-        records = json.load(open(a[key]))
-        assert len(records) == (40 if key == "finetune" else 20)  # stage 2: the image conversations, then as text
-        for r in records:
-            data.check_record(r, key)
-            ids, labels = data.tokenize_conversation(tok, r["conversations"], template)
-            assert tok.unk_token_id not in ids and any(label != X for label in labels)
-    finetune, text = json.load(open(a["finetune"])), json.load(open(a["text"]))
-    assert finetune[20:] == text and all("image" not in r and "image" in f for r, f in zip(text, finetune))
-    ids = []
-    for task in shapes.TASKS:
-        for r in map(json.loads, open(os.path.join(a["eval_dir"], f"{task}.jsonl"))):
-            assert r["category"] == task and "<image>" not in r["text"]
-            assert os.path.exists(os.path.join(a["image_folder"], r["image"]))
-            if task == "grounding":
-                assert r["answer"] == "[" + ", ".join(f"{v:.2f}" for v in r["bbox"]) + "]"
-            ids.append(r["question_id"])
-    assert len(ids) == len(set(ids))
-
-
-def test_world_balance_and_answers(tmp_path):
-    w = shapes.build_shapes_world(tmp_path, seed=0, n_train=0, n_eval=60)
-    answers = {t: [json.loads(line)["answer"] for line in open(os.path.join(w["eval_dir"], f"{t}.jsonl"))]
-               for t in shapes.TASKS}
-    for t in ("existence", "relpos"):
-        assert abs(answers[t].count("Yes") - answers[t].count("No")) <= 1
-        assert set(answers[t]) == {"Yes", "No"}
-    assert set(answers["count"]) <= {"1", "2", "3"} and set(answers["mc"]) <= set("ABCD")
-    assert set(answers["colour"]) <= set(shapes.COLOURS) and set(answers["shape"]) <= set(shapes.SHAPES)
-    assert set(answers["position"]) <= set(shapes.POSITIONS)
-
-
-def test_world_cache(tmp_path, monkeypatch):
-    shapes.build_shapes_world(tmp_path, **SMALL)
-    with monkeypatch.context() as m:
-        m.setattr(shapes, "draw_scene", lambda *a: pytest.fail("cached world was regenerated"))
-        shapes.build_shapes_world(tmp_path, **SMALL)
-    w = shapes.build_shapes_world(tmp_path, n_train=21, n_eval=4)
-    assert len(json.load(open(w["pretrain"]))) == 21
-    assert sorted(os.listdir(w["image_folder"]))[-1] == "train_00020.png"
-    assert "eval_00004.png" not in os.listdir(w["image_folder"])  # the old world's files are gone
-    assert json.load(open(os.path.join(tmp_path, "settings.json")))["n_train"] == 21
-
-
-def test_patch_labels_by_hand():
-    square = dict(shape="square", colour="red", xy=(8, 0), size=16)
-    shape, colour = shapes.patch_labels([square], image_size=32, patch_size=8)
-    # 4x4 patches, centres at 4, 12, 20, 28 px: the square's [8, 24) x [0, 16) covers columns 1-2 of rows 0-1
-    covered = {1, 2, 5, 6}
-    assert shape == [2 if i in covered else 0 for i in range(16)]  # 1 + SHAPES.index("square")
-    assert colour == [4 if i in covered else 0 for i in range(16)]  # blue, green, purple, red: 1 + 3
-
-
-def test_tower_pretraining_teaches_the_tower():
-    """The per-patch loss must fall below the entropy of the labels (the best an input-blind guess can do), and far
-    below what the same head reaches on the random tower left frozen: the tower itself learned what is where."""
-    side, patch = 48, 8
-    rng = random.Random("another seed")
-    labels = [shapes.patch_labels(shapes.random_scene(rng, side, 3), side, patch) for _ in range(500)]
-    entropy = 2 * math.log(side // patch)  # row and column: uniform
-    for column in zip(*labels):  # shape, colour
-        p = torch.bincount(torch.tensor(column).flatten()).float()
-        p = p[p > 0] / p.sum()
-        entropy += -(p * p.log()).sum().item()
-    final = {}
-    for trained in (True, False):
-        torch.manual_seed(0)
-        tower = CLIPVisionModel(tiny_vision_config(image_size=side, patch_size=patch)).requires_grad_(trained)
-        losses = shapes.pretrain_vision(tower, clip_processor(side), seed=0, max_objects=3, images=256, steps=300,
-                                       batch_size=16, lr=3e-3)
-        final[trained] = sum(losses[-10:]) / 10
-        assert losses[0] > entropy and not tower.training
-    assert final[True] < 0.3 * final[False] and final[False] < entropy
-
-
-def test_text_documents_answer_from_their_notation():
-    """The language pretraining's documents: nine cell words where the image will be, then the caption or the
-    description of those cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose
-    colour, shape, existence, position and grounding answers are the ones the cell words give."""
-    rng = random.Random("docs")
-    seen = set()
-    for _ in range(300):
-        prompt, answer = shapes.text_document(rng, 96, 3, rng.choice(["caption", "description", *shapes.TASKS]))
-        doc = prompt + answer
-        words = re.findall(r"<([a-z_]+):(empty|(\w+)_(\w+))>", doc)
-        assert [w[0] for w in words] == [p.replace(" ", "_") for p in shapes.POSITIONS]  # each word names its cell
-        cells = [w[1:] for w in words]
-        pairs = [(c, s) for word, c, s in cells if word != "empty"]  # (colour, shape), row-major
-        where = [shapes.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
-        assert 1 <= len(pairs) <= 3
-        if not doc.startswith(data.SYSTEM):
-            assert prompt == shapes.cell_notation([dict(cell=k, colour=c, shape=sh)
-                                                 for k, (w, c, sh) in enumerate(cells) if w != "empty"])
-            assert doc.endswith(".\n")
-            if answer.startswith("a "):
-                assert re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", answer) == [
-                    (c, s, w) for (c, s), w in zip(pairs, where)]
-                seen.add("caption")
-            else:  # "the circle is red, the square is blue and ..."
-                assert re.fullmatch(r"the \w+ is \w+((, | and )the \w+ is \w+)*\.\n", answer)
-                assert re.findall(r"the (\w+) is (\w+)", answer) == [(s, c) for c, s in pairs]
-                seen.add("description")
-            continue
-        question, answer = doc.split(">\n", 1)[1].split(" ASSISTANT: ")
-        question = question.removesuffix(data.SHORT_ANSWER)
-        if m := re.fullmatch(r"What colour is the (\w+)\?", question):
-            assert answer == dict((s, c) for c, s in pairs)[m[1]]
-        elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
-            assert answer == dict(pairs)[m[1]]
-        elif m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question):
-            assert answer == ("Yes" if (m[1], m[2]) in pairs else "No")
-        elif m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
-            assert answer == where[pairs.index((m[1], m[2]))]
-        elif question.startswith(data.GROUNDING_PROMPT.format(ref="")):
-            colour, shape = question.split()[-2:]
-            x1, y1, x2, y2 = map(float, answer.strip("[]").split(", "))
-            row, column = int(3 * (y1 + y2) / 2), int(3 * (x1 + x2) / 2)  # the box's centre lies in its cell
-            assert where[pairs.index((colour, shape))] == shapes.POSITIONS[3 * row + column]
-        else:
-            continue
-        seen.add(question.split()[0] + question.split()[1])
-    assert len(seen) == 7
-
-
-def test_language_pretraining_supervises_what_stage_2_does():
-    """A vicuna_v1 document becomes the ids and labels data.tokenize_conversation gives the same turn in stage 2
-    (with the cell words where the image would be): only the answer and eos are supervised."""
-    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-    rng = random.Random(1)
-    checked = 0
-    for _ in range(40):
-        prompt, answer = shapes.text_document(rng, 96, 3, rng.choice(["caption", "description", *shapes.TASKS]))
-        sample = shapes.document_sample(tok, prompt, answer)
-        supervised = sample["labels"] != data.IGNORE_INDEX
-        assert tok.decode(sample["input_ids"][supervised]) == answer + tok.eos_token
-        if prompt.startswith(data.SYSTEM):
-            human = prompt.removeprefix(data.SYSTEM + " USER: ").removesuffix(" ASSISTANT:")
-            ids, labels = data.tokenize_conversation(tok, [{"from": "human", "value": human},
-                                                           {"from": "gpt", "value": answer.removeprefix(" ")}],
-                                                     "vicuna_v1")
-            assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
-            checked += 1
-    assert checked > 20
-
-
-def test_cell_words_are_single_tokens():
-    """Each of the 189 cell words (9 cells x 21 contents) is one token of the stand-in's tokenizer, so the notation is
-    9 tokens like the 9 visual tokens."""
-    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-    rng = random.Random(0)
-    for _ in range(20):
-        ids = tok.encode(shapes.cell_notation(shapes.random_scene(rng, 96, 3)), add_special_tokens=False)
-        assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(shapes.CELL_WORDS)
-    assert len(set(tok.convert_tokens_to_ids(shapes.CELL_WORDS))) == 9 * (1 + 4 * 5)
-
-
-def test_cell_words_stay_factorised():
-    """pretrain_language trains the cell words as sums of shared factors: after training, moving a word to another
-    cell changes its embedding by the same vector whatever is in the cell, and recolouring an object by the same
-    vector whatever its shape and cell; the factors were trained (the words differ from an untrained run's)."""
-    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-
-    def cell_embeddings(steps):
-        torch.manual_seed(0)
-        llm = LlamaForCausalLM(LlamaConfig(**shapes.TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
-        shapes.pretrain_language(llm, tok, 0, 96, 3, steps=steps, batch_size=2, lr=1e-2)
-        return llm.get_input_embeddings().weight.detach()
-
-    E = cell_embeddings(3)
-
-    def e(place, content):
-        return E[tok.convert_tokens_to_ids(f"<{place}:{content}>")]
-    for content in ("empty", "red_circle", "blue_cross"):
-        torch.testing.assert_close(e("top_left", content) - e("center", content), e("top_left", "green_square") -
-                                   e("center", "green_square"))
-    for place, shape in (("top", "circle"), ("bottom_right", "triangle")):
-        torch.testing.assert_close(e(place, f"red_{shape}") - e(place, f"yellow_{shape}"),
-                                   e("left", "red_cross") - e("left", "yellow_cross"))
-    assert not torch.allclose(e("top", "red_circle"), e("top", "red_square"))
-    cells = tok.convert_tokens_to_ids(shapes.CELL_WORDS)
-    assert not torch.allclose(E[cells], cell_embeddings(0)[cells])
-
-
-def test_finetune_epochs_from_the_command_line():
-    """--finetune_epochs gives stage 2 (and onestage) its own epochs; 0 leaves it at --epochs."""
-    cfg, _ = parse_args(train.TrainConfig, ["--epochs", "2", "--finetune_epochs=1"])
-    assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune", "onestage")] == [2, 1, 1]
-    cfg, _ = parse_args(train.TrainConfig, ["--epochs=3"])
-    assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune")] == [3, 3]
-
-
-# ---- the stand-ins: shipped, checked, rebuilt by the same code
-
-
-def test_stand_ins_build_from_scratch(tmp_path, monkeypatch):
-    """`python shapes.py --stand_ins DIR` through the same code as the shipped build, a few steps: folders that load
-    through from_pretrained, a provenance whose sha256 are the files', a check that passes; a build cut short leaves
-    the folder it would replace as it was."""
-    shapes.build_shapes_world(tmp_path / "w", **SMALL)
-    out = str(tmp_path / "stand_ins")
-    shapes.main(["--stand_ins", out, "--world", str(tmp_path / "w"), "--vision_steps=2", "--language_steps=2",
-                 "--check_n=2"])
-    provenance = shapes.check_stand_ins(out, 96)
-    assert set(provenance["language_check"]) == set(shapes.TASKS) | {"n"}
-    assert provenance["settings"]["llm_pretrain"]["steps"] == 2 and provenance["command"].startswith("python shapes.py")
-    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
-    assert sorted(provenance["sha256"]) == [f for f in files if f != "provenance.json"]
-    for name, digest in provenance["sha256"].items():
-        assert hashlib.sha256(open(os.path.join(out, name), "rb").read()).hexdigest() == digest
-    tok = AutoTokenizer.from_pretrained(os.path.join(out, "llm"))
-    llm = LlamaForCausalLM.from_pretrained(os.path.join(out, "llm"))
-    tower = CLIPVisionModel.from_pretrained(os.path.join(out, "vision"))
-    assert llm.config.vocab_size == len(tok) and tower.config.image_size == 96
-    before = {f: open(os.path.join(out, f), "rb").read() for f in files}
-    def cut_short(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(shapes, "pretrain_language", cut_short)
+# train.py: a tiny world, tiny models, real loops
+
+
+def test_training_loss_falls(world, tmp_path):
+    train.main(train_args(world, tmp_path, "--stage=finetune", "--epochs=10", "--lora_dropout=0"))
+    losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
+    assert len(losses) == 10 * 64 // 16
+    # a random LLM starts near ln(vocab size) = 6.4; LoRA alone (embeddings and lm_head frozen) moves it slowly
+    assert losses[0] > 6 and sum(losses[-4:]) / 4 < losses[0] - 0.5
+
+
+def test_onestage_uses_and_saves_prism_weight_decay(world, tmp_path):
+    """--stage onestage is stage 2 alone with weight decay 0.1 (paper Table 3), unless --weight_decay is given; the
+    optimizer that ran and the saved config agree."""
+    for out, extra, wd in (("default", (), 0.1), ("given", ("--weight_decay=0.05",), 0.05)):
+        train.main(train_args(world, tmp_path / out, "--stage=onestage", "--epochs=1", *extra))
+        ckpt = tmp_path / out / "ckpt"
+        groups = torch.load(ckpt / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+        assert [g["weight_decay"] for g in groups] == [wd, wd]
+        saved = json.load(open(ckpt / "config.json"))
+        assert saved["weight_decay"] == wd and saved["stage"] == "finetune"
+
+
+def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
+    """Both stages; a crash in stage 2 as step 6 is being saved (the last checkpoint is step 4), then --resume:
+    the same final weights, and the log holds each step once."""
+    extra = ("--epochs=2", "--save_every=2", "--lora_dropout=0.1")  # dropout: the RNG state must come back too
+    train.main(train_args(world, tmp_path / "straight", *extra))
+
+    save = train.save_checkpoint
+
+    def crash_at_step_6(run_dir, model, optimizer, scheduler, step, cfg, stage):
+        if stage == "finetune" and step == 6:
+            raise KeyboardInterrupt
+        save(run_dir, model, optimizer, scheduler, step, cfg, stage)
+    monkeypatch.setattr(train, "save_checkpoint", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        shapes.build_stand_ins(out, 0, str(tmp_path / "w"), vision_steps=1, language_steps=1, check_n=1)
-    assert {f: open(os.path.join(out, f), "rb").read() for f in files} == before
+        train.main(train_args(world, tmp_path / "resumed", *extra))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(train_args(world, tmp_path / "resumed", *extra, "--resume"))
+
+    a = M.load_file(str(tmp_path / "straight" / "ckpt" / M.WEIGHTS))
+    b = M.load_file(str(tmp_path / "resumed" / "ckpt" / M.WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_log(tmp_path / "resumed" / "log.jsonl") if r["stage"] == "finetune"]
+    assert steps == list(range(1, 9))  # steps 5 and 6 were logged before the crash, and once more after it
 
 
-def test_shipped_stand_ins_match_their_provenance_and_this_code():
-    """stand_ins/ as shipped: every file's sha256 as recorded, configs the world's, and built with the settings this
-    code would build them with (a change to the pretraining without a rebuild fails here)."""
-    provenance = shapes.check_stand_ins(shapes.STAND_INS, shapes.TINY_VISION["image_size"])
-    settings = provenance["settings"]
-    assert settings["vision"] == shapes.TINY_VISION and settings["llm"] == shapes.TINY_LLM
-    assert settings["vision_pretrain"] == shapes.TINY_VISION_PRETRAIN
-    assert settings["llm_pretrain"] == shapes.TINY_LLM_PRETRAIN and settings["mix"] == shapes.TINY_LLM_MIX
-    assert settings["vocab_size"] == shapes.VOCAB_SIZE
-    assert CLIPVisionConfig.from_pretrained(os.path.join(shapes.STAND_INS, "vision")).patch_size == 8
-    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])  # built from a committed tree
+def test_ddp_two_processes_equal_one_with_accumulation(world, tmp_path):
+    """2 processes x micro-batch 8 read the same samples per step as 1 process accumulating 2 micro-batches, so
+    DDP's averaged gradients give the same weights. Batches mix image and text-only samples."""
+    extra = ["--stage=finetune", "--lora_dropout=0"]
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               os.path.join(HERE, "train.py")] + train_args(world, tmp_path / f"n{n}", *extra)
+        run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert run.returncode == 0, run.stderr[-3000:]
+    a = M.load_file(str(tmp_path / "n1" / "ckpt" / M.WEIGHTS))
+    b = M.load_file(str(tmp_path / "n2" / "ckpt" / M.WEIGHTS))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
-def test_shipped_stand_in_llm_scores_its_recorded_language_check():
-    """The shipped LLM, loaded through from_pretrained, answers the scene-as-text documents as recorded: the same
-    documents (the check's own seed), so only floating-point noise may move a score."""
-    provenance = json.load(open(os.path.join(shapes.STAND_INS, "provenance.json")))
-    recorded = dict(provenance["language_check"])
-    n = recorded.pop("n")
-    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-    llm = LlamaForCausalLM.from_pretrained(STAND_IN_LLM).eval()
-    world = provenance["settings"]["world"]
-    got = shapes.language_check(llm, tok, provenance["seed"], world["image_size"], world["max_objects"], n=n)
-    for task, acc in recorded.items():
-        assert abs(got[task] - acc) <= 0.02, (task, got[task], acc)
-    assert recorded["colour"] >= 0.95 and recorded["existence"] >= 0.95  # what the default run's targets rest on
+def test_checkpoint_of_another_projector_is_refused(world, tmp_path):
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--projector=avgpool"))
+    with pytest.raises(ValueError, match="projector avgpool"):
+        train.main(train_args(world, tmp_path / "other", "--stage=finetune", "--projector=maxpool",
+                              f"--pretrained_projector={tmp_path / 'ckpt'}"))
 
 
-def broken_copy(tmp_path, edit):
-    folder = tmp_path / "stand_ins"
-    shutil.copytree(shapes.STAND_INS, folder)
-    edit(folder)
-    return str(folder), {f: open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs}
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    forward, calls = M.MLLM.forward, []
+
+    def nan_on_step_3(self, *args):  # micro-batch 5 = the first of step 3 (2 micro-batches per step)
+        loss, logits = forward(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), logits
+    monkeypatch.setattr(M.MLLM, "forward", nan_on_step_3)
+    with pytest.raises(RuntimeError, match="loss is nan at step 3"):
+        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
+    assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
+    assert state["step"] == 2
 
 
-def edit_json(path, **changes):
-    with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(path, "w") as f:
-        json.dump(config, f)
+@pytest.mark.parametrize("projector", ["qformer", "cabstractor", "dabstractor"])
+def test_attention_projectors_train_and_reload(world, tmp_path, projector):
+    options = "hidden_size=24,num_heads=4,intermediate_size=40" if projector == "qformer" else "num_layers=1" \
+        if projector == "dabstractor" else "depth=1"
+    train.main(train_args(world, tmp_path, "--stage=pretrain", f"--projector={projector}",
+                          f"--projector_options={options}"))
+    losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model, _, _, cfg = M.load_model(str(tmp_path))  # rebuilt from the saved options, else the shapes differ
+    assert cfg["projector_options"] == options and model.projector_name == projector
 
 
-def flip_a_byte(path):
-    body = bytearray(open(path, "rb").read())
-    body[-1] ^= 1
-    open(path, "wb").write(bytes(body))
+def test_qformer_init_from_a_blip2_checkpoint(world, tmp_path, capsys):
+    blip2 = tiny_blip2(2)  # 32-wide patch features, 4 queries, a 48-wide LLM: the world's tiny models
+    blip2.save_pretrained(tmp_path / "blip2")
+    train.main(train_args(world, tmp_path / "run", "--stage=pretrain", "--projector=qformer", "--pretrain_lr=0",
+                          "--projector_options=hidden_size=24,num_heads=4,intermediate_size=40",
+                          f"--qformer_init={tmp_path / 'blip2'}"))
+    assert "load_blip2: loaded 49 tensors" in capsys.readouterr().out
+    saved = M.load_file(str(tmp_path / "run" / "ckpt" / M.WEIGHTS))  # lr 0: BLIP-2's tensors, trained not at all
+    assert torch.equal(saved["projector.query_tokens"], blip2.query_tokens.detach())
+    assert torch.equal(saved["projector.encoder.layer.0.crossattention.attention.key.weight"],
+                       blip2.qformer.encoder.layer[0].crossattention.attention.key.weight.detach())
+    with pytest.raises(ValueError, match="--qformer_init is for --projector qformer, not avgpool"):
+        train.main(train_args(world, tmp_path / "bad", "--stage=pretrain", f"--qformer_init={tmp_path / 'blip2'}"))
+
+# -----------------------------------------------------------------------------
+# faults a long training run must survive
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda f: os.remove(f / "llm" / "model.safetensors"), "llm/model.safetensors is missing"),
-    (lambda f: os.remove(f / "provenance.json"), "provenance.json is missing"),
-    (lambda f: flip_a_byte(f / "vision" / "model.safetensors"), "vision/model.safetensors does not match its sha256"),
-    (lambda f: edit_json(f / "vision" / "config.json", image_size=64), "vision/config.json image_size is 64"),
-    (lambda f: edit_json(f / "vision" / "config.json", patch_size=12), "vision/config.json patch_size 12"),
-    (lambda f: edit_json(f / "llm" / "config.json", vocab_size=900), "llm/config.json vocab_size is 900"),
-])
-def test_bad_stand_ins_stop_the_run_before_training(tmp_path, edit, message):
-    """One line naming the folder, the field and the command that rebuilds it, before any training; the folder is
-    left exactly as it was (nothing is rebuilt over a user's files)."""
-    folder, files = broken_copy(tmp_path, edit)
-    with pytest.raises(SystemExit) as stop:
-        train.main(["--stand_ins", folder, "--shapes_root", str(tmp_path / "w"), "--out_dir", str(tmp_path / "out")])
-    text = str(stop.value)
-    assert "\n" not in text and text.startswith(folder) and message in text
-    assert f"python shapes.py --stand_ins {folder}" in text
-    assert not os.path.exists(tmp_path / "out")
-    assert {f: open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs} == files
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tmp_path):
+    """A training process killed with SIGKILL, which gives it no chance to clean up, restarted with --resume: the
+    final weights equal an uninterrupted run's."""
+    import signal
+    import time
+    extra = ("--stage=pretrain", "--epochs=4", "--save_every=2")  # 16 steps, a checkpoint every 2
+    train.main(train_args(world, tmp_path / "straight", *extra))
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *train_args(world, killed, *extra)],
+                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = killed / "log.jsonl", time.time() + 120
+    while time.time() < deadline and child.poll() is None:  # kill it once it is past its second checkpoint
+        if log.exists() and any(json.loads(line)["step"] >= 5 for line in log.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the run ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    step = torch.load(killed / "ckpt" / "state.pt", weights_only=True)["step"]
+    assert 4 <= step < 16
+    train.main(train_args(world, killed, *extra, "--resume"))
+    a = M.load_file(str(tmp_path / "straight" / "ckpt" / M.WEIGHTS))
+    b = M.load_file(str(killed / "ckpt" / M.WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_report_puts_scores_beside_targets_and_chance(tmp_path):
-    """Chance is the best single answer given to every question, scored by the task's own scorer: by hand, colour
-    2 of 3 (always "red"), existence F1 2/3 (always "Yes" on balanced questions)."""
-    rows = dict(colour=[("red", None), ("red", None), ("blue", None)],
-                existence=[("Yes", None), ("No", None)])
-    for task, answers in rows.items():
-        ev.write_jsonl(tmp_path / f"{task}.jsonl", [dict(question_id=i, text="q", answer=a, image="x.png")
-                                                     for i, (a, _) in enumerate(answers)])
-    assert shapes.best_constant("colour", ev.read_jsonl(tmp_path / "colour.jsonl")) == pytest.approx(2 / 3)
-    assert shapes.best_constant("existence", ev.read_jsonl(tmp_path / "existence.jsonl")) == pytest.approx(2 / 3)
-    results = dict(colour=dict(n=3, accuracy=1.0), existence=dict(n=2, f1=0.5))
-    table = shapes.report(results, str(tmp_path), dict(colour=0.98))
-    colour, existence = (next(line for line in table.splitlines() if line.startswith(t)) for t in rows)
-    assert "100.0%*" in colour and ">=90%" in colour and "66.7%" in colour and "98.0%" in colour
-    assert "50.0%!" in existence and "66.7%" in existence
+def test_a_checkpoint_cut_short_is_never_taken(world, tmp_path):
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
+    good = train.find_checkpoint(str(tmp_path))
+    assert good == str(tmp_path / "ckpt")
+    # died while writing: ckpt.tmp holds half a weights file and no state
+    (tmp_path / "ckpt.tmp").mkdir()
+    (tmp_path / "ckpt.tmp" / M.WEIGHTS).write_bytes(b"\x00" * 10)
+    assert train.find_checkpoint(str(tmp_path)) == good
+    # died between the two renames: ckpt moved to ckpt.old, ckpt.tmp not yet renamed: ckpt.old is complete
+    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")
+    assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt.old")
+    # resume from it (with a longer schedule, so that there is something left to train and save)
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=3", "--save_every=2", "--resume"))
+    assert torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)["step"] == 12
+    assert not (tmp_path / "ckpt.tmp").exists() and not (tmp_path / "ckpt.old").exists()
 
 
-def test_world_feeds_the_dataset(tmp_path, processor):
-    from transformers import AutoTokenizer
-    w = shapes.build_shapes_world(tmp_path, **SMALL)
-    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-    ds = data.LlavaDataset(w["finetune"], w["image_folder"], tok, processor, "vicuna_v1", "pad", 9, 256)
-    batch = data.collate([ds[i] for i in range(4)], pad_id=tok.pad_token_id, image_size=32)
-    assert batch["has_image"].all() and (batch["input_ids"] == IMG).sum(1).tolist() == [1] * 4
+class CodeInAPickle:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.path.join(os.getcwd(), 'pwned')}",))
+
+
+def test_a_pickle_carrying_code_is_refused(world, tmp_path, monkeypatch):
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1", "--save_every=2"))
+    torch.save(dict(step=2, payload=CodeInAPickle()), tmp_path / "ckpt" / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1", "--resume"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_corrupt_image_mid_epoch(world, tmp_path, capsys):
+    records = json.load(open(world["pretrain"]))[:32]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for r in records:
+        (folder / r["image"]).write_bytes(open(os.path.join(world["image_folder"], r["image"]), "rb").read())
+    (folder / records[20]["image"]).write_bytes(b"not a png")  # in the second half of the epoch
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(records, f)
+    args = train_args(world, tmp_path / "run", "--stage=pretrain", f"--data_path={tmp_path / 'data.json'}",
+                      f"--image_folder={folder}")
+    with pytest.raises(ValueError, match=rf"{records[20]['image']}.*|record 20"):
+        train.main(args)
+    train.main(args + ["--skip_bad_samples", "--out_dir=" + str(tmp_path / "skip")])
+    assert capsys.readouterr().out.count("skipped:") == 1
+    assert len(read_log(tmp_path / "skip" / "log.jsonl")) == 2  # both steps of the epoch trained
+
+
+def test_a_micro_batch_all_bad_on_one_ddp_rank_does_not_hang(world, tmp_path):
+    """Rank 1's third micro-batch holds only a corrupt image; rank 0's does not. Rank 1 must still take part in the
+    gradient all-reduce, or rank 0 waits for it forever."""
+    records = json.load(open(world["pretrain"]))[:16]
+    bad = train.micro_batches(16, 0, 0, 1, 2, 1, 8, 0)[2][0]  # n, epoch, start, micro, world, rank, per epoch, seed
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for r in records:
+        (folder / r["image"]).write_bytes(open(os.path.join(world["image_folder"], r["image"]), "rb").read())
+    (folder / records[bad]["image"]).write_bytes(b"not a png")
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(records, f)
+    args = train_args(world, tmp_path / "run", "--stage=pretrain", f"--data_path={tmp_path / 'data.json'}",
+                      f"--image_folder={folder}", "--pretrain_batch_size=2", "--micro_batch_size=1",
+                      "--skip_bad_samples")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py")] + args
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.stdout + run.stderr).count("skipped:") == 1
+    assert len(read_log(tmp_path / "run" / "log.jsonl")) == 8
+
+
+def test_modality_grouping_gives_single_modality_micro_batches():
+    has_image = [i % 3 != 0 for i in range(50)]  # 33 image samples, 17 text-only
+    micro, world = 4, 2
+    usable = train.full_micro_batches(has_image, micro)
+    assert usable == 4 * (33 // 4 + 17 // 4) == 48
+    per_epoch = usable // micro  # micro-batches per epoch, over both ranks
+    lists = [train.micro_batches(50, 1, 0, micro, world, rank, per_epoch // world, 0, has_image) for rank in (0, 1)]
+    batches = lists[0] + lists[1]
+    assert len(batches) == 12 and all(len(b) == micro for b in batches)
+    assert all(len({has_image[i] for i in b}) == 1 for b in batches)  # one modality each
+    seen = [i for b in batches for i in b]
+    assert len(set(seen)) == 48  # no sample twice
+    assert sum(all(has_image[i] for i in b) for b in batches) == 8  # 33 // 4 image micro-batches, 17 // 4 text
+    # resuming at micro-batch 3 of rank 0 reads what an uninterrupted epoch reads from there
+    assert train.micro_batches(50, 1, 3, micro, world, 0, per_epoch // world, 0, has_image) == lists[0][3:]
+
+
+def test_training_with_modality_grouping(world, tmp_path):
+    train.main(train_args(world, tmp_path, "--stage=finetune", "--group_by_modality", "--micro_batch_size=4"))
+    assert len(read_log(tmp_path / "log.jsonl")) == (4 * (48 // 4 + 16 // 4)) // 16  # 4 steps, as without grouping
+
+
+# ---- command line
+
+def test_parse_args():
+    cfg, _ = parse_args(ev.EvalConfig, ["--ckpt", "out/avgpool", "--batch_size=8", "--max-new-tokens", "5"])
+    assert (cfg.ckpt, cfg.batch_size, cfg.max_new_tokens, cfg.limit) == ("out/avgpool", 8, 5, 0)
+
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        flag: bool = False
+        lr: float = 1.0
+    assert parse_args(C, ["--flag=true", "--lr", "3e-4"])[0] == C(True, 3e-4)
+    assert parse_args(C, ["--flag", "0"])[0] == C(False, 1.0)
+    assert parse_args(C, ["--flag", "--lr", "2"])[0] == C(True, 2.0)  # a bare bool flag
+    for bad in (["--flag=maybe"], ["--nope=1"], ["--lr"], ["--lr=abc"], ["lr=1"]):
+        with pytest.raises(SystemExit):
+            parse_args(C, bad)
+
 
 # =============================================================================
 # eval.py: scorers and the generation driver
@@ -1224,91 +1148,6 @@ def fake_data(monkeypatch):
 
 
 
-def test_plot_curves_smooths_each_log(tmp_path):
-    for name, losses in (("a", range(1, 41)), ("b", [5.0] * 10)):
-        ev.write_jsonl(tmp_path / f"{name}.jsonl", [dict(step=i, loss=float(v)) for i, v in enumerate(losses)])
-    final = ev.plot_curves([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], ["a", "b"], tmp_path / "c.png", smooth=20)
-    assert final == [sum(range(21, 41)) / 20, 5.0]  # the mean of the last 20 losses, or of all there are
-    assert Image.open(tmp_path / "c.png").size == (640, 360)
-
-
-def test_plot_bars_draws_each_runs_headline_metric(tmp_path):
-    runs = [tmp_path / "full", tmp_path / "empty"]
-    for run, v in zip(runs, (1.0, 0.0)):
-        run.mkdir()
-        metrics = dict(colour=dict(n=1, accuracy=v), grounding=dict(n=1, acc_iou50=v, unparseable=1 - v))
-        (run / "eval.json").write_text(json.dumps(metrics))
-    scores = ev.plot_bars([str(r) for r in runs], tmp_path / "bars.png")
-    assert scores == {str(runs[0]): dict(colour=1.0, grounding=1.0), str(runs[1]): dict(colour=0.0, grounding=0.0)}
-    image = Image.open(tmp_path / "bars.png").convert("RGB")
-    # two task groups over the 670-px axis from x=40: in the first, the first run's bar spans x 74..205, the
-    # second's 208..339
-    first = tuple(int(ev.COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
-    assert image.getpixel((150, 60)) == first and image.getpixel((150, 200)) == first  # 100%: to the top
-    assert image.getpixel((300, 200)) == (255, 255, 255)  # the second run's bar: 0%, nothing drawn
-
-
-def test_compare_runs_averages_a_run_over_seeds(tmp_path):
-    from safetensors.torch import save_file
-    for root, colour, box in (("s0", 0.9, 0.2), ("s1", 0.6, None), ("s2", 0.75, 0.1)):
-        for name, projector in (("avg", "avgpool"), ("lin", "linear")):
-            run = tmp_path / root / name
-            (run / "ckpt").mkdir(parents=True)
-            (run / "ckpt" / "config.json").write_text(json.dumps(dict(projector=projector, num_tokens=9)))
-            save_file({"projector.0.weight": torch.zeros(4, 3), "projector.0.bias": torch.zeros(4),
-                       "llm.lora_A": torch.zeros(5, 5)}, str(run / "ckpt" / "model.safetensors"))
-            if name == "lin" and root != "s0":
-                continue  # a run that only one seed finished
-            (run / "eval.json").write_text(json.dumps(dict(colour=dict(n=1, accuracy=colour),
-                                                           existence=dict(n=1, f1=colour / 2, accuracy=0.0))))
-            if box is not None:
-                (run / "rgae_box.json").write_text(json.dumps(dict(n=1, share_in_box=box)))
-    (tmp_path / "s1" / "notes").mkdir()  # a folder without eval.json is no run
-    table = ev.compare_runs(",".join(str(tmp_path / r) for r in ("s0", "s1", "s2"))).splitlines()
-    assert table[0] == ("| run | projector | M | projector params | runs | colour (accuracy) | existence (f1) "
-                        "| relevance in box |")
-    # colour 90, 60, 75 -> mean 75; F1 half of it; relevance in box in two of the three seeds: 20 and 10
-    assert table[2] == "| avg | avgpool | 9 | 16 | 3 | 75.0 (60.0-90.0) | 37.5 (30.0-45.0) | 15.0 (10.0-20.0) |"
-    assert table[3] == "| lin | linear | 9 | 16 | 1 | 90.0 | 45.0 | 20.0 |"
-    with pytest.raises(SystemExit, match="no run folder"):
-        ev.compare_runs(str(tmp_path / "s1" / "notes"))
-
-
-def test_linear_probe_reads_what_the_features_hold():
-    torch.manual_seed(0)
-    blank = lambda images, return_tensors: {"pixel_values": torch.zeros(1, 3, 2, 2)}
-    _, labels = shapes.probe_scenes(blank, 500, seed=0)
-    occupied = labels["shape"] < len(shapes.SHAPES)
-    assert occupied.sum(1).min() >= 1 and occupied.sum(1).max() <= 3
-    assert (labels["shape"] < len(shapes.SHAPES)).eq(labels["colour"] < len(shapes.COLOURS)).all()
-    assert ((labels["colour_of_shape"] < len(shapes.COLOURS)).sum(1) == occupied.sum(1)).all()
-    # features that spell out each cell's shape and colour: a linear probe reads both
-    exact = torch.cat([F.one_hot(labels["shape"], len(shapes.SHAPES) + 1),
-                       F.one_hot(labels["colour"], len(shapes.COLOURS) + 1)], -1).float()  # [n, 9, 11]
-    r = shapes.linear_probe(exact + 0.01 * torch.randn(exact.shape), labels)
-    assert r["shape"] == r["colour"] == 1.0 and r["n_cells"] == int(occupied[400:].sum())
-    # "the colour of the circle" is not linear in the cells' one-hots (an AND of shape and colour per cell)...
-    assert r["colour_of_shape"] < 0.7
-    # ...but it is in their products, one per cell, shape and colour
-    bound = (exact[..., :len(shapes.SHAPES) + 1, None] * exact[..., None, len(shapes.SHAPES) + 1:]).flatten(2)
-    assert shapes.linear_probe(bound, labels)["colour_of_shape"] > 0.95  # a triple or two unseen in 400 scenes
-    # features that hold only the colours: the shape probe falls to about chance, colour stays
-    colour_only = exact[..., len(shapes.SHAPES) + 1:]
-    r = shapes.linear_probe(colour_only + 0.01 * torch.randn(colour_only.shape), labels)
-    assert r["colour"] == 1.0 and r["shape"] < 0.5
-
-
-def test_cell_box_baseline_by_hand():
-    n = 5  # 4 scenes fit the mean boxes, the fifth is held out
-    labels = dict(shape=torch.full((n, 9), len(shapes.SHAPES)), box=torch.zeros(n, 9, 4))
-    labels["shape"][:, 0] = 0
-    labels["box"][:, 0] = torch.tensor([[0, 0, .2, .2], [0, 0, .2, .2], [.1, .1, .3, .3], [.1, .1, .3, .3],
-                                        [.05, .05, .25, .25]])
-    labels["shape"][4, 4] = 1  # a cell never occupied in the first four: its mean box is empty, IoU 0
-    labels["box"][4, 4] = torch.tensor([.4, .4, .6, .6])
-    assert shapes.cell_box_baseline(labels) == 0.5  # cell 0's mean [.05, .05, .25, .25] hits exactly; cell 4 misses
-
-
 def test_generate_answers_restores_order(fake_data):
     questions = ["a much longer question here?", "q1?", "medium one?", "q22?", "another long question!"]
     records = [{"question_id": i, "image": f"{i}.png", "text": q} for i, q in enumerate(questions)]
@@ -1342,357 +1181,6 @@ def test_evaluate_shapes_writes_answers_and_metrics(fake_data, tmp_path):
     table = ev.format_table(results)
     assert "colour" in table and "50.0%" in table and "f1" in table
 
-
-# ---- the house: imports run one way
-
-
-def project_imports():
-    """{module: the project's modules it imports}, imports inside functions included, from each file's syntax tree."""
-    import ast
-    import glob
-    modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, "*.py")) if "test" not in f}
-    graph = {}
-    for m in modules:
-        names = set()
-        for node in ast.walk(ast.parse(open(os.path.join(HERE, m + ".py")).read())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        graph[m] = names & modules - {m}
-    return graph
-
-
-def test_imports_run_one_way():
-    """No cycle among the project's modules, and the model, its projectors and the LLaVA data path import nothing
-    of the shapes world, the training loop or the evaluation."""
-    graph = project_imports()
-    assert {"config", "data", "eval", "model", "projectors", "shapes", "train"} <= set(graph)
-    done = set()
-
-    def visit(m, path):
-        assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
-        if m not in done:
-            for d in sorted(graph[m]):
-                visit(d, path + [m])
-            done.add(m)
-    for m in sorted(graph):
-        visit(m, [])
-    for low in ("config", "projectors", "model", "data"):
-        assert not graph[low] & {"shapes", "train", "eval", "rgae", "bench"}, (low, graph[low])
-    assert graph["config"] == set() and "shapes" not in graph["eval"]
-
-
-# ---- command line
-
-def test_parse_args():
-    cfg, _ = parse_args(ev.EvalConfig, ["--ckpt", "out/avgpool", "--batch_size=8", "--max-new-tokens", "5"])
-    assert (cfg.ckpt, cfg.batch_size, cfg.max_new_tokens, cfg.limit) == ("out/avgpool", 8, 5, 0)
-
-    from dataclasses import dataclass
-
-    @dataclass
-    class C:
-        flag: bool = False
-        lr: float = 1.0
-    assert parse_args(C, ["--flag=true", "--lr", "3e-4"])[0] == C(True, 3e-4)
-    assert parse_args(C, ["--flag", "0"])[0] == C(False, 1.0)
-    assert parse_args(C, ["--flag", "--lr", "2"])[0] == C(True, 2.0)  # a bare bool flag
-    for bad in (["--flag=maybe"], ["--nope=1"], ["--lr"], ["--lr=abc"], ["lr=1"]):
-        with pytest.raises(SystemExit):
-            parse_args(C, bad)
-
-
-# =============================================================================
-# train.py: a tiny world, tiny models, real loops
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A small shapes world, a 4x4-patch CLIP tower and a random Llama over the world's tokenizer."""
-    root = tmp_path_factory.mktemp("world")
-    w = shapes.build_shapes_world(str(root / "shapes"), seed=0, n_train=64, n_eval=4)
-    tokenizer = AutoTokenizer.from_pretrained(STAND_IN_LLM)
-    torch.manual_seed(0)
-    CLIPVisionModel(tiny_vision_config(image_size=96, patch_size=24)).save_pretrained(root / "vision")
-    clip_processor(96).save_pretrained(root / "vision")
-    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    mixed = json.load(open(w["finetune"]))[:48] + json.load(open(w["text"]))[:16]  # image and text-only samples
-    with open(root / "mixed.json", "w") as f:
-        json.dump(mixed, f)
-    return dict(w, vision=str(root / "vision"), llm=str(root / "llm"), mixed=str(root / "mixed.json"))
-
-
-def train_args(world, out_dir, *extra):
-    args = dict(vision_tower=world["vision"], llm=world["llm"], data_path=world["pretrain"],
-                finetune_data_path=world["mixed"], image_folder=world["image_folder"], out_dir=str(out_dir),
-                num_tokens=4, pretrain_batch_size=16, finetune_batch_size=16, micro_batch_size=8, max_length=256,
-                lora_r=4, lora_alpha=8, num_workers=0, pretrain_lr=1e-2, finetune_lr=1e-2,
-                finetune_projector_lr=1e-2)
-    return [f"--{k}={v}" for k, v in args.items()] + list(extra)
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_training_loss_falls(world, tmp_path):
-    train.main(train_args(world, tmp_path, "--stage=finetune", "--epochs=10", "--lora_dropout=0"))
-    losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
-    assert len(losses) == 10 * 64 // 16
-    # a random LLM starts near ln(vocab size) = 6.4; LoRA alone (embeddings and lm_head frozen) moves it slowly
-    assert losses[0] > 6 and sum(losses[-4:]) / 4 < losses[0] - 0.5
-
-
-def test_onestage_uses_and_saves_prism_weight_decay(world, tmp_path):
-    """--stage onestage is stage 2 alone with weight decay 0.1 (paper Table 3), unless --weight_decay is given; the
-    optimizer that ran and the saved config agree."""
-    for out, extra, wd in (("default", (), 0.1), ("given", ("--weight_decay=0.05",), 0.05)):
-        train.main(train_args(world, tmp_path / out, "--stage=onestage", "--epochs=1", *extra))
-        ckpt = tmp_path / out / "ckpt"
-        groups = torch.load(ckpt / "state.pt", weights_only=True)["optimizer"]["param_groups"]
-        assert [g["weight_decay"] for g in groups] == [wd, wd]
-        saved = json.load(open(ckpt / "config.json"))
-        assert saved["weight_decay"] == wd and saved["stage"] == "finetune"
-
-
-def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
-    """Both stages; a crash in stage 2 as step 6 is being saved (the last checkpoint is step 4), then --resume:
-    the same final weights, and the log holds each step once."""
-    extra = ("--epochs=2", "--save_every=2", "--lora_dropout=0.1")  # dropout: the RNG state must come back too
-    train.main(train_args(world, tmp_path / "straight", *extra))
-
-    save = train.save_checkpoint
-
-    def crash_at_step_6(run_dir, model, optimizer, scheduler, step, cfg, stage):
-        if stage == "finetune" and step == 6:
-            raise KeyboardInterrupt
-        save(run_dir, model, optimizer, scheduler, step, cfg, stage)
-    monkeypatch.setattr(train, "save_checkpoint", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(world, tmp_path / "resumed", *extra))
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    train.main(train_args(world, tmp_path / "resumed", *extra, "--resume"))
-
-    a = M.load_file(str(tmp_path / "straight" / "ckpt" / M.WEIGHTS))
-    b = M.load_file(str(tmp_path / "resumed" / "ckpt" / M.WEIGHTS))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in read_log(tmp_path / "resumed" / "log.jsonl") if r["stage"] == "finetune"]
-    assert steps == list(range(1, 9))  # steps 5 and 6 were logged before the crash, and once more after it
-
-
-def test_ddp_two_processes_equal_one_with_accumulation(world, tmp_path):
-    """2 processes x micro-batch 8 read the same samples per step as 1 process accumulating 2 micro-batches, so
-    DDP's averaged gradients give the same weights. Batches mix image and text-only samples."""
-    extra = ["--stage=finetune", "--lora_dropout=0"]
-    for n in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               os.path.join(HERE, "train.py")] + train_args(world, tmp_path / f"n{n}", *extra)
-        run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert run.returncode == 0, run.stderr[-3000:]
-    a = M.load_file(str(tmp_path / "n1" / "ckpt" / M.WEIGHTS))
-    b = M.load_file(str(tmp_path / "n2" / "ckpt" / M.WEIGHTS))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-
-
-def test_checkpoint_of_another_projector_is_refused(world, tmp_path):
-    train.main(train_args(world, tmp_path, "--stage=pretrain", "--projector=avgpool"))
-    with pytest.raises(ValueError, match="projector avgpool"):
-        train.main(train_args(world, tmp_path / "other", "--stage=finetune", "--projector=maxpool",
-                              f"--pretrained_projector={tmp_path / 'ckpt'}"))
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
-    forward, calls = M.MLLM.forward, []
-
-    def nan_on_step_3(self, *args):  # micro-batch 5 = the first of step 3 (2 micro-batches per step)
-        loss, logits = forward(self, *args)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 5 else loss), logits
-    monkeypatch.setattr(M.MLLM, "forward", nan_on_step_3)
-    with pytest.raises(RuntimeError, match="loss is nan at step 3"):
-        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
-    assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
-    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
-    assert state["step"] == 2
-
-
-@pytest.mark.parametrize("projector", ["qformer", "cabstractor", "dabstractor"])
-def test_attention_projectors_train_and_reload(world, tmp_path, projector):
-    options = "hidden_size=24,num_heads=4,intermediate_size=40" if projector == "qformer" else "num_layers=1" \
-        if projector == "dabstractor" else "depth=1"
-    train.main(train_args(world, tmp_path, "--stage=pretrain", f"--projector={projector}",
-                          f"--projector_options={options}"))
-    losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    model, _, _, cfg = M.load_model(str(tmp_path))  # rebuilt from the saved options, else the shapes differ
-    assert cfg["projector_options"] == options and model.projector_name == projector
-
-
-def test_qformer_init_from_a_blip2_checkpoint(world, tmp_path, capsys):
-    blip2 = tiny_blip2(2)  # 32-wide patch features, 4 queries, a 48-wide LLM: the world's tiny models
-    blip2.save_pretrained(tmp_path / "blip2")
-    train.main(train_args(world, tmp_path / "run", "--stage=pretrain", "--projector=qformer", "--pretrain_lr=0",
-                          "--projector_options=hidden_size=24,num_heads=4,intermediate_size=40",
-                          f"--qformer_init={tmp_path / 'blip2'}"))
-    assert "load_blip2: loaded 49 tensors" in capsys.readouterr().out
-    saved = M.load_file(str(tmp_path / "run" / "ckpt" / M.WEIGHTS))  # lr 0: BLIP-2's tensors, trained not at all
-    assert torch.equal(saved["projector.query_tokens"], blip2.query_tokens.detach())
-    assert torch.equal(saved["projector.encoder.layer.0.crossattention.attention.key.weight"],
-                       blip2.qformer.encoder.layer[0].crossattention.attention.key.weight.detach())
-    with pytest.raises(ValueError, match="--qformer_init is for --projector qformer, not avgpool"):
-        train.main(train_args(world, tmp_path / "bad", "--stage=pretrain", f"--qformer_init={tmp_path / 'blip2'}"))
-
-# -----------------------------------------------------------------------------
-# R-GAE (the paper's Sec. 3.1, Eqs. 2-5)
-
-
-def test_text_to_query_row_is_a_row_of_the_full_product():
-    import rgae
-    torch.manual_seed(0)
-    S, p = 7, 5
-    A_bars = [torch.rand(S, S).tril() / S for _ in range(3)]  # first layer first
-    R = torch.eye(S)
-    for A_bar in A_bars:  # Eq. 3 as written: R <- R + A_bar R, layer by layer
-        R = R + A_bar @ R
-    torch.testing.assert_close(rgae.text_to_query_row(A_bars, p), R[p])
-
-
-@pytest.mark.parametrize("N,M", [(36, 9), (36, 16), (16, 4)])
-def test_avgpool_query_to_patch_is_the_pooling_jacobian(N, M):
-    import rgae
-    n, m = int(N ** 0.5), int(M ** 0.5)
-    pool = lambda v: F.adaptive_avg_pool2d(v.view(1, 1, n, n), m).flatten()
-    jacobian = torch.autograd.functional.jacobian(pool, torch.randn(N))  # [M, N]
-    torch.testing.assert_close(rgae.pooling_map(N, M), jacobian)
-
-
-
-def test_maxpool_query_to_patch_counts_channel_maxima():
-    import rgae
-    torch.manual_seed(0)
-    x = torch.randn(36, 5)  # a 6x6 grid, 5 channels, pooled to 3x3: 2x2 windows
-    R = rgae.maxpool_map(x, 9)
-    for j in range(9):
-        r, c = divmod(j, 3)
-        window = [(2 * r + dr) * 6 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)]
-        shares = torch.zeros(36)
-        for channel in range(5):  # each channel's maximum in the window gives its patch 1/5
-            shares[window[int(x[window, channel].argmax())]] += 1 / 5
-        torch.testing.assert_close(R[j], shares)
-
-def test_qformer_gae_rules_by_hand():
-    """2 queries, 3 patches; layer 0 self- then cross-attention, layer 1 self-attention only."""
-    import rgae
-    self0 = torch.tensor([[0.5, 0.1], [0.2, 0.3]])
-    cross0 = torch.tensor([[0.4, 0.0, 0.2], [0.1, 0.3, 0.0]])
-    self1 = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
-    # layer 0 self: R_qq = I + self0 = [[1.5, .1], [.2, 1.3]], R_qi stays 0
-    # normalise(R_qq): R_qq - I has row sums .6 and .5 -> [[5/6, 1/6], [.4, .6]] + I = [[11/6, 1/6], [.4, 1.6]]
-    # cross: R_qi = normalise(R_qq)^T cross0 = [[11/6 * .4 + .4 * .1, .4 * .3, 11/6 * .2], [1/6 * .4 + 1.6 * .1, 1.6 * .3, 1/6 * .2]]
-    # layer 1 self: R_qi += self1 R_qi, i.e. rows times 1.1 and 1.2
-    expected = torch.tensor([[1.1 * (11 / 6 * 0.4 + 0.04), 1.1 * 0.12, 1.1 * 11 / 6 * 0.2],
-                             [1.2 * (0.4 / 6 + 0.16), 1.2 * 0.48, 1.2 * 0.2 / 6]])
-    got = rgae.decoder_relevance([("self", self0), ("cross", cross0), ("self", self1)], 3)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(rgae.normalise(torch.eye(3)), torch.eye(3))  # no 0/0
-    # no self-attention before the cross-attention: R_qq = I, so R_qi = cross0 itself
-    torch.testing.assert_close(rgae.decoder_relevance([("cross", cross0)], 3), cross0)
-
-
-def rgae_sample(parts, projector, M, **options):
-    import rgae
-    torch.manual_seed(0)
-    model, tok, proc = M_build(parts, projector, M, **options)
-    prompt = [tok.bos_token_id, IMG] + tok("what colour is the circle ?", add_special_tokens=False)["input_ids"]
-    answer = tok("a red circle", add_special_tokens=False)["input_ids"]
-    pixels = torch.randn(3, 32, 32)
-    return model, prompt, answer, pixels, rgae.relevance(model, pixels, prompt, answer, per_token=True)
-
-
-def M_build(parts, projector, num_tokens, **options):
-    return M.build_model(*parts, projector, num_tokens, attn_implementation="eager", **options)
-
-
-def test_rgae_targets_the_predicting_position(parts):
-    """Text-to-Query of token t, recomputed here with the full (I + A_bar) product over the LLM's attention maps,
-    from the gradient of the logit of y_t at the position BEFORE y_t; y_t's own position gives another answer."""
-    model, prompt, answer, pixels, maps = rgae_sample(parts, "avgpool", 4)
-    ids = torch.tensor([prompt + answer])
-    embeds, mask, _, positions = model.splice(ids, torch.ones_like(ids), None, pixels[None])
-    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_attentions=True)
-    p, Mv = prompt.index(IMG), 4
-    rows = {}
-    for t, y in enumerate(answer):
-        y_pos = len(prompt) - 1 + Mv + t
-        for name, pos in (("predicting", y_pos - 1), ("own", y_pos)):
-            grads = torch.autograd.grad(out.logits[0, pos, y], out.attentions, retain_graph=True)
-            R = torch.eye(embeds.shape[1])
-            for g, A in zip(grads, out.attentions):
-                R = R + (g * A).clamp(min=0).mean(1)[0] @ R
-            rows.setdefault(name, []).append(R[pos, p:p + Mv])
-    torch.testing.assert_close(maps["text_to_query_t"], torch.stack(rows["predicting"]))
-    assert not torch.allclose(maps["text_to_query_t"], torch.stack(rows["own"]))
-
-
-@pytest.mark.parametrize("projector,M,options", [
-    ("linear", 16, {}), ("avgpool", 4, {}), ("maxpool", 4, {}), ("cabstractor", 4, dict(depth=1)),
-    ("qformer", 4, dict(hidden_size=16, num_heads=2, intermediate_size=32)), ("dabstractor", 4, dict(num_layers=1))])
-def test_rgae_maps_for_every_projector(parts, projector, M, options):
-    model, prompt, answer, pixels, maps = rgae_sample(parts, projector, M, **options)
-    L, N = len(answer), 16
-    assert maps["text_to_query_t"].shape == (L, M) and maps["query_to_patch_t"].shape == (L, M, N)
-    for k in ("text_to_query", "query_to_patch", "text_to_patch"):  # Eq. 5: the mean over t of the per-t maps
-        torch.testing.assert_close(maps[k], maps[k + "_t"].mean(0))
-        assert torch.isfinite(maps[k]).all() and (maps[k] >= 0).all()
-    products = torch.einsum("lm,lmn->ln", maps["text_to_query_t"], maps["query_to_patch_t"])  # Eq. 4 per t
-    torch.testing.assert_close(maps["text_to_patch_t"], products)
-    assert maps["text_to_query"].sum() > 0
-    import rgae
-    batched = rgae.relevance(model, pixels, prompt, answer, per_token=True, targets_per_backward=2)
-    for k in maps:  # two targets per backward pass, then one: the same maps as one autograd.grad call per target
-        torch.testing.assert_close(batched[k], maps[k], rtol=1e-5, atol=1e-6)
-    if projector == "linear":
-        torch.testing.assert_close(maps["query_to_patch"], torch.eye(N))
-    if projector == "maxpool":  # each visual token's channels take their maxima from its own 2x2 window
-        torch.testing.assert_close(maps["query_to_patch"].sum(-1), torch.ones(M))
-        assert set(maps["query_to_patch"][0].nonzero().flatten().tolist()) <= {0, 1, 4, 5}
-
-
-def test_cabstractor_gradient_times_input_against_the_jacobian():
-    import rgae
-    torch.manual_seed(0)
-    proj = build_projector("cabstractor", 8, 12, 16, 4, depth=1)
-    x = torch.randn(1, 16, 8, requires_grad=True)
-    grad_visual = torch.randn(1, 4, 12)
-    got = rgae.gradient_times_input(x, proj(x), grad_visual)
-    J = torch.autograd.functional.jacobian(proj, x)[0, :, :, 0]  # [M, d_llm, N, C]
-    through_j = torch.einsum("md,mdnc->mnc", grad_visual[0], J)  # dz/dx along visual token j alone
-    R = (through_j * x[0].detach()).sum(-1).clamp(min=0)
-    torch.testing.assert_close(got, R / R.sum(-1, keepdim=True))
-
-def test_patches_in_box_by_hand():
-    import rgae
-    # a 4x4 grid: patch centres at 0.125, 0.375, 0.625, 0.875 on each axis
-    assert rgae.patches_in_box([0.0, 0.0, 0.5, 0.5], 4).nonzero().flatten().tolist() == [0, 1, 4, 5]
-    assert rgae.patches_in_box([0.3, 0.3, 0.7, 0.7], 4).nonzero().flatten().tolist() == [5, 6, 9, 10]
-    assert rgae.patches_in_box([0.6, 0.0, 1.0, 0.3], 4).nonzero().flatten().tolist() == [2, 3]
-
-
-def test_rgae_command_writes_figure_and_maps(world, tmp_path):
-    import rgae
-    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1"))
-    image = os.path.join(world["image_folder"], "eval_00000.png")
-    rgae.main([f"--ckpt={tmp_path}", f"--image={image}", "--text=a red circle", "--raw_attention",
-               f"--out={tmp_path / 'fig.png'}"])
-    maps = __import__("numpy").load(tmp_path / "fig.npz")
-    assert maps["text_to_patch"].shape == (16,) and maps["query_to_patch_t"].shape[1:] == (4, 16)
-    assert maps["raw_attention"].shape == (16,)
-    assert Image.open(tmp_path / "fig.png").size[0] > 6 * 160
 
 # =============================================================================
 # benchmarks (LLaVA-1.5's evaluation)
@@ -2048,126 +1536,698 @@ def test_bench_missing_files_and_bad_records(tmp_path):
         bench_load(tmp_path, "nope")
 
 
-# -----------------------------------------------------------------------------
-# faults a long training run must survive
+# =============================================================================
+# shapes.py: the world, its stand-ins, the default run's report
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(world, tmp_path):
-    """A training process killed with SIGKILL, which gives it no chance to clean up, restarted with --resume: the
-    final weights equal an uninterrupted run's."""
-    import signal
-    import time
-    extra = ("--stage=pretrain", "--epochs=4", "--save_every=2")  # 16 steps, a checkpoint every 2
-    train.main(train_args(world, tmp_path / "straight", *extra))
-    killed = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *train_args(world, killed, *extra)],
-                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log, deadline = killed / "log.jsonl", time.time() + 120
-    while time.time() < deadline and child.poll() is None:  # kill it once it is past its second checkpoint
-        if log.exists() and any(json.loads(line)["step"] >= 5 for line in log.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.02)
-    assert child.poll() is None, "the run ended before it could be killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    step = torch.load(killed / "ckpt" / "state.pt", weights_only=True)["step"]
-    assert 4 <= step < 16
-    train.main(train_args(world, killed, *extra, "--resume"))
-    a = M.load_file(str(tmp_path / "straight" / "ckpt" / M.WEIGHTS))
-    b = M.load_file(str(killed / "ckpt" / M.WEIGHTS))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+SMALL = dict(n_train=20, n_eval=5)
 
 
-def test_a_checkpoint_cut_short_is_never_taken(world, tmp_path):
-    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
-    good = train.find_checkpoint(str(tmp_path))
-    assert good == str(tmp_path / "ckpt")
-    # died while writing: ckpt.tmp holds half a weights file and no state
-    (tmp_path / "ckpt.tmp").mkdir()
-    (tmp_path / "ckpt.tmp" / M.WEIGHTS).write_bytes(b"\x00" * 10)
-    assert train.find_checkpoint(str(tmp_path)) == good
-    # died between the two renames: ckpt moved to ckpt.old, ckpt.tmp not yet renamed: ckpt.old is complete
-    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")
-    assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt.old")
-    # resume from it (with a longer schedule, so that there is something left to train and save)
-    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=3", "--save_every=2", "--resume"))
-    assert torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)["step"] == 12
-    assert not (tmp_path / "ckpt.tmp").exists() and not (tmp_path / "ckpt.old").exists()
+def files_of(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-class CodeInAPickle:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.path.join(os.getcwd(), 'pwned')}",))
+def test_world_is_deterministic_and_well_formed(tmp_path):
+    a = shapes.build_shapes_world(tmp_path / "a", seed=1, **SMALL)
+    b = shapes.build_shapes_world(tmp_path / "b", seed=1, **SMALL)
+    names = files_of(a["root"])
+    assert names == files_of(b["root"]) and len([n for n in names if n.endswith(".png")]) == 25
+    _, mismatch, errors = filecmp.cmpfiles(a["root"], b["root"], names, shallow=False)
+    assert mismatch == [] and errors == []
+
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    for text in ["[0.12, 0.34, 0.56, 0.78]", data.SYSTEM + " USER: What colour is the circle? ASSISTANT: red"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.convert_ids_to_tokens([tok.pad_token_id, tok.bos_token_id, tok.eos_token_id]) == ["<pad>", "<s>",
+                                                                                                  "</s>"]
+    for key, template in [("pretrain", "plain"), ("finetune", "vicuna_v1"), ("text", "vicuna_v1")]:
+        records = json.load(open(a[key]))
+        assert len(records) == (40 if key == "finetune" else 20)  # stage 2: the image conversations, then as text
+        for r in records:
+            data.check_record(r, key)
+            ids, labels = data.tokenize_conversation(tok, r["conversations"], template)
+            assert tok.unk_token_id not in ids and any(label != X for label in labels)
+    finetune, text = json.load(open(a["finetune"])), json.load(open(a["text"]))
+    assert finetune[20:] == text and all("image" not in r and "image" in f for r, f in zip(text, finetune))
+    ids = []
+    for task in shapes.TASKS:
+        for r in map(json.loads, open(os.path.join(a["eval_dir"], f"{task}.jsonl"))):
+            assert r["category"] == task and "<image>" not in r["text"]
+            assert os.path.exists(os.path.join(a["image_folder"], r["image"]))
+            if task == "grounding":
+                assert r["answer"] == "[" + ", ".join(f"{v:.2f}" for v in r["bbox"]) + "]"
+            ids.append(r["question_id"])
+    assert len(ids) == len(set(ids))
 
 
-def test_a_pickle_carrying_code_is_refused(world, tmp_path, monkeypatch):
-    import pickle
-    monkeypatch.chdir(tmp_path)
-    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1", "--save_every=2"))
-    torch.save(dict(step=2, payload=CodeInAPickle()), tmp_path / "ckpt" / "state.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1", "--resume"))
-    assert not (tmp_path / "pwned").exists()
+def test_world_balance_and_answers(tmp_path):
+    w = shapes.build_shapes_world(tmp_path, seed=0, n_train=0, n_eval=60)
+    answers = {t: [json.loads(line)["answer"] for line in open(os.path.join(w["eval_dir"], f"{t}.jsonl"))]
+               for t in shapes.TASKS}
+    for t in ("existence", "relpos"):
+        assert abs(answers[t].count("Yes") - answers[t].count("No")) <= 1
+        assert set(answers[t]) == {"Yes", "No"}
+    assert set(answers["count"]) <= {"1", "2", "3"} and set(answers["mc"]) <= set("ABCD")
+    assert set(answers["colour"]) <= set(shapes.COLOURS) and set(answers["shape"]) <= set(shapes.SHAPES)
+    assert set(answers["position"]) <= set(shapes.POSITIONS)
 
 
-def test_a_corrupt_image_mid_epoch(world, tmp_path, capsys):
-    records = json.load(open(world["pretrain"]))[:32]
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for r in records:
-        (folder / r["image"]).write_bytes(open(os.path.join(world["image_folder"], r["image"]), "rb").read())
-    (folder / records[20]["image"]).write_bytes(b"not a png")  # in the second half of the epoch
-    with open(tmp_path / "data.json", "w") as f:
-        json.dump(records, f)
-    args = train_args(world, tmp_path / "run", "--stage=pretrain", f"--data_path={tmp_path / 'data.json'}",
-                      f"--image_folder={folder}")
-    with pytest.raises(ValueError, match=rf"{records[20]['image']}.*|record 20"):
-        train.main(args)
-    train.main(args + ["--skip_bad_samples", "--out_dir=" + str(tmp_path / "skip")])
-    assert capsys.readouterr().out.count("skipped:") == 1
-    assert len(read_log(tmp_path / "skip" / "log.jsonl")) == 2  # both steps of the epoch trained
+def test_world_cache(tmp_path, monkeypatch):
+    shapes.build_shapes_world(tmp_path, **SMALL)
+    with monkeypatch.context() as m:
+        m.setattr(shapes, "draw_scene", lambda *a: pytest.fail("cached world was regenerated"))
+        shapes.build_shapes_world(tmp_path, **SMALL)
+    w = shapes.build_shapes_world(tmp_path, n_train=21, n_eval=4)
+    assert len(json.load(open(w["pretrain"]))) == 21
+    assert sorted(os.listdir(w["image_folder"]))[-1] == "train_00020.png"
+    assert "eval_00004.png" not in os.listdir(w["image_folder"])  # the old world's files are gone
+    assert json.load(open(os.path.join(tmp_path, "settings.json")))["n_train"] == 21
 
 
-def test_a_micro_batch_all_bad_on_one_ddp_rank_does_not_hang(world, tmp_path):
-    """Rank 1's third micro-batch holds only a corrupt image; rank 0's does not. Rank 1 must still take part in the
-    gradient all-reduce, or rank 0 waits for it forever."""
-    records = json.load(open(world["pretrain"]))[:16]
-    bad = train.micro_batches(16, 0, 0, 1, 2, 1, 8, 0)[2][0]  # n, epoch, start, micro, world, rank, per epoch, seed
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for r in records:
-        (folder / r["image"]).write_bytes(open(os.path.join(world["image_folder"], r["image"]), "rb").read())
-    (folder / records[bad]["image"]).write_bytes(b"not a png")
-    with open(tmp_path / "data.json", "w") as f:
-        json.dump(records, f)
-    args = train_args(world, tmp_path / "run", "--stage=pretrain", f"--data_path={tmp_path / 'data.json'}",
-                      f"--image_folder={folder}", "--pretrain_batch_size=2", "--micro_batch_size=1",
-                      "--skip_bad_samples")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "train.py")] + args
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert (run.stdout + run.stderr).count("skipped:") == 1
-    assert len(read_log(tmp_path / "run" / "log.jsonl")) == 8
+def test_patch_labels_by_hand():
+    square = dict(shape="square", colour="red", xy=(8, 0), size=16)
+    shape, colour = shapes.patch_labels([square], image_size=32, patch_size=8)
+    # 4x4 patches, centres at 4, 12, 20, 28 px: the square's [8, 24) x [0, 16) covers columns 1-2 of rows 0-1
+    covered = {1, 2, 5, 6}
+    assert shape == [2 if i in covered else 0 for i in range(16)]  # 1 + SHAPES.index("square")
+    assert colour == [4 if i in covered else 0 for i in range(16)]  # blue, green, purple, red: 1 + 3
 
 
-def test_modality_grouping_gives_single_modality_micro_batches():
-    has_image = [i % 3 != 0 for i in range(50)]  # 33 image samples, 17 text-only
-    micro, world = 4, 2
-    usable = train.full_micro_batches(has_image, micro)
-    assert usable == 4 * (33 // 4 + 17 // 4) == 48
-    per_epoch = usable // micro  # micro-batches per epoch, over both ranks
-    lists = [train.micro_batches(50, 1, 0, micro, world, rank, per_epoch // world, 0, has_image) for rank in (0, 1)]
-    batches = lists[0] + lists[1]
-    assert len(batches) == 12 and all(len(b) == micro for b in batches)
-    assert all(len({has_image[i] for i in b}) == 1 for b in batches)  # one modality each
-    seen = [i for b in batches for i in b]
-    assert len(set(seen)) == 48  # no sample twice
-    assert sum(all(has_image[i] for i in b) for b in batches) == 8  # 33 // 4 image micro-batches, 17 // 4 text
-    # resuming at micro-batch 3 of rank 0 reads what an uninterrupted epoch reads from there
-    assert train.micro_batches(50, 1, 3, micro, world, 0, per_epoch // world, 0, has_image) == lists[0][3:]
+def test_tower_pretraining_teaches_the_tower():
+    """The per-patch loss must fall below the entropy of the labels (the best an input-blind guess can do), and far
+    below what the same head reaches on the random tower left frozen: the tower itself learned what is where."""
+    side, patch = 48, 8
+    rng = random.Random("another seed")
+    labels = [shapes.patch_labels(shapes.random_scene(rng, side, 3), side, patch) for _ in range(500)]
+    entropy = 2 * math.log(side // patch)  # row and column: uniform
+    for column in zip(*labels):  # shape, colour
+        p = torch.bincount(torch.tensor(column).flatten()).float()
+        p = p[p > 0] / p.sum()
+        entropy += -(p * p.log()).sum().item()
+    final = {}
+    for trained in (True, False):
+        torch.manual_seed(0)
+        tower = CLIPVisionModel(tiny_vision_config(image_size=side, patch_size=patch)).requires_grad_(trained)
+        losses = shapes.pretrain_vision(tower, clip_processor(side), seed=0, max_objects=3, images=256, steps=300,
+                                       batch_size=16, lr=3e-3)
+        final[trained] = sum(losses[-10:]) / 10
+        assert losses[0] > entropy and not tower.training
+    assert final[True] < 0.3 * final[False] and final[False] < entropy
 
 
-def test_training_with_modality_grouping(world, tmp_path):
-    train.main(train_args(world, tmp_path, "--stage=finetune", "--group_by_modality", "--micro_batch_size=4"))
-    assert len(read_log(tmp_path / "log.jsonl")) == (4 * (48 // 4 + 16 // 4)) // 16  # 4 steps, as without grouping
+def test_text_documents_answer_from_their_notation():
+    """The language pretraining's documents: nine cell words where the image will be, then the caption or the
+    description of those cells (read back from the words, not from the generator's scene), or a vicuna_v1 turn whose
+    colour, shape, existence, position and grounding answers are the ones the cell words give."""
+    rng = random.Random("docs")
+    seen = set()
+    for _ in range(300):
+        prompt, answer = shapes.text_document(rng, 96, 3, rng.choice(["caption", "description", *shapes.TASKS]))
+        doc = prompt + answer
+        words = re.findall(r"<([a-z_]+):(empty|(\w+)_(\w+))>", doc)
+        assert [w[0] for w in words] == [p.replace(" ", "_") for p in shapes.POSITIONS]  # each word names its cell
+        cells = [w[1:] for w in words]
+        pairs = [(c, s) for word, c, s in cells if word != "empty"]  # (colour, shape), row-major
+        where = [shapes.POSITIONS[i] for i, (word, _, _) in enumerate(cells) if word != "empty"]
+        assert 1 <= len(pairs) <= 3
+        if not doc.startswith(data.SYSTEM):
+            assert prompt == shapes.cell_notation([dict(cell=k, colour=c, shape=sh)
+                                                 for k, (w, c, sh) in enumerate(cells) if w != "empty"])
+            assert doc.endswith(".\n")
+            if answer.startswith("a "):
+                assert re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", answer) == [
+                    (c, s, w) for (c, s), w in zip(pairs, where)]
+                seen.add("caption")
+            else:  # "the circle is red, the square is blue and ..."
+                assert re.fullmatch(r"the \w+ is \w+((, | and )the \w+ is \w+)*\.\n", answer)
+                assert re.findall(r"the (\w+) is (\w+)", answer) == [(s, c) for c, s in pairs]
+                seen.add("description")
+            continue
+        question, answer = doc.split(">\n", 1)[1].split(" ASSISTANT: ")
+        question = question.removesuffix(data.SHORT_ANSWER)
+        if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+            assert answer == dict((s, c) for c, s in pairs)[m[1]]
+        elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+            assert answer == dict(pairs)[m[1]]
+        elif m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question):
+            assert answer == ("Yes" if (m[1], m[2]) in pairs else "No")
+        elif m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+            assert answer == where[pairs.index((m[1], m[2]))]
+        elif question.startswith(data.GROUNDING_PROMPT.format(ref="")):
+            colour, shape = question.split()[-2:]
+            x1, y1, x2, y2 = map(float, answer.strip("[]").split(", "))
+            row, column = int(3 * (y1 + y2) / 2), int(3 * (x1 + x2) / 2)  # the box's centre lies in its cell
+            assert where[pairs.index((colour, shape))] == shapes.POSITIONS[3 * row + column]
+        else:
+            continue
+        seen.add(question.split()[0] + question.split()[1])
+    assert len(seen) == 7
+
+
+def test_language_pretraining_supervises_what_stage_2_does():
+    """A vicuna_v1 document becomes the ids and labels data.tokenize_conversation gives the same turn in stage 2
+    (with the cell words where the image would be): only the answer and eos are supervised."""
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(40):
+        prompt, answer = shapes.text_document(rng, 96, 3, rng.choice(["caption", "description", *shapes.TASKS]))
+        sample = shapes.document_sample(tok, prompt, answer)
+        supervised = sample["labels"] != data.IGNORE_INDEX
+        assert tok.decode(sample["input_ids"][supervised]) == answer + tok.eos_token
+        if prompt.startswith(data.SYSTEM):
+            human = prompt.removeprefix(data.SYSTEM + " USER: ").removesuffix(" ASSISTANT:")
+            ids, labels = data.tokenize_conversation(tok, [{"from": "human", "value": human},
+                                                           {"from": "gpt", "value": answer.removeprefix(" ")}],
+                                                     "vicuna_v1")
+            assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+            checked += 1
+    assert checked > 20
+
+
+def test_cell_words_are_single_tokens():
+    """Each of the 189 cell words (9 cells x 21 contents) is one token of the stand-in's tokenizer, so the notation is
+    9 tokens like the 9 visual tokens."""
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = tok.encode(shapes.cell_notation(shapes.random_scene(rng, 96, 3)), add_special_tokens=False)
+        assert len(ids) == 9 and set(tok.convert_ids_to_tokens(ids)) <= set(shapes.CELL_WORDS)
+    assert len(set(tok.convert_tokens_to_ids(shapes.CELL_WORDS))) == 9 * (1 + 4 * 5)
+
+
+def test_cell_words_stay_factorised():
+    """pretrain_language trains the cell words as sums of shared factors: after training, moving a word to another
+    cell changes its embedding by the same vector whatever is in the cell, and recolouring an object by the same
+    vector whatever its shape and cell; the factors were trained (the words differ from an untrained run's)."""
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+
+    def cell_embeddings(steps):
+        torch.manual_seed(0)
+        llm = LlamaForCausalLM(LlamaConfig(**shapes.TINY_LLM, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+        shapes.pretrain_language(llm, tok, 0, 96, 3, steps=steps, batch_size=2, lr=1e-2)
+        return llm.get_input_embeddings().weight.detach()
+
+    E = cell_embeddings(3)
+
+    def e(place, content):
+        return E[tok.convert_tokens_to_ids(f"<{place}:{content}>")]
+    for content in ("empty", "red_circle", "blue_cross"):
+        torch.testing.assert_close(e("top_left", content) - e("center", content), e("top_left", "green_square") -
+                                   e("center", "green_square"))
+    for place, shape in (("top", "circle"), ("bottom_right", "triangle")):
+        torch.testing.assert_close(e(place, f"red_{shape}") - e(place, f"yellow_{shape}"),
+                                   e("left", "red_cross") - e("left", "yellow_cross"))
+    assert not torch.allclose(e("top", "red_circle"), e("top", "red_square"))
+    cells = tok.convert_tokens_to_ids(shapes.CELL_WORDS)
+    assert not torch.allclose(E[cells], cell_embeddings(0)[cells])
+
+
+def test_finetune_epochs_from_the_command_line():
+    """--finetune_epochs gives stage 2 (and onestage) its own epochs; 0 leaves it at --epochs."""
+    cfg, _ = parse_args(train.TrainConfig, ["--epochs", "2", "--finetune_epochs=1"])
+    assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune", "onestage")] == [2, 1, 1]
+    cfg, _ = parse_args(train.TrainConfig, ["--epochs=3"])
+    assert [train.stage_recipe(cfg, s)[-1] for s in ("pretrain", "finetune")] == [3, 3]
+
+
+# ---- the stand-ins: shipped, checked, rebuilt by the same code
+
+
+def test_stand_ins_build_from_scratch(tmp_path, monkeypatch):
+    """`python shapes.py --stand_ins DIR` through the same code as the shipped build, a few steps: folders that load
+    through from_pretrained, a provenance whose sha256 are the files', a check that passes; a build cut short leaves
+    the folder it would replace as it was."""
+    shapes.build_shapes_world(tmp_path / "w", **SMALL)
+    out = str(tmp_path / "stand_ins")
+    shapes.main(["--stand_ins", out, "--world", str(tmp_path / "w"), "--vision_steps=2", "--language_steps=2",
+                 "--check_n=2"])
+    provenance = shapes.check_stand_ins(out, 96)
+    assert set(provenance["language_check"]) == set(shapes.TASKS) | {"n"}
+    assert provenance["settings"]["llm_pretrain"]["steps"] == 2 and provenance["command"].startswith("python shapes.py")
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    assert sorted(provenance["sha256"]) == [f for f in files if f != "provenance.json"]
+    for name, digest in provenance["sha256"].items():
+        assert hashlib.sha256(open(os.path.join(out, name), "rb").read()).hexdigest() == digest
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "llm"))
+    llm = LlamaForCausalLM.from_pretrained(os.path.join(out, "llm"))
+    tower = CLIPVisionModel.from_pretrained(os.path.join(out, "vision"))
+    assert llm.config.vocab_size == len(tok) and tower.config.image_size == 96
+    before = {f: open(os.path.join(out, f), "rb").read() for f in files}
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shapes, "pretrain_language", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.build_stand_ins(out, 0, str(tmp_path / "w"), vision_steps=1, language_steps=1, check_n=1)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in files} == before
+
+
+def test_shipped_stand_ins_match_their_provenance_and_this_code():
+    """stand_ins/ as shipped: every file's sha256 as recorded, configs the world's, and built with the settings this
+    code would build them with (a change to the pretraining without a rebuild fails here)."""
+    provenance = shapes.check_stand_ins(shapes.STAND_INS, shapes.TINY_VISION["image_size"])
+    settings = provenance["settings"]
+    assert settings["vision"] == shapes.TINY_VISION and settings["llm"] == shapes.TINY_LLM
+    assert settings["vision_pretrain"] == shapes.TINY_VISION_PRETRAIN
+    assert settings["llm_pretrain"] == shapes.TINY_LLM_PRETRAIN and settings["mix"] == shapes.TINY_LLM_MIX
+    assert settings["vocab_size"] == shapes.VOCAB_SIZE
+    assert CLIPVisionConfig.from_pretrained(os.path.join(shapes.STAND_INS, "vision")).patch_size == 8
+    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])  # built from a committed tree
+
+
+def test_shipped_stand_in_llm_scores_its_recorded_language_check():
+    """The shipped LLM, loaded through from_pretrained, answers the scene-as-text documents as recorded: the same
+    documents (the check's own seed), so only floating-point noise may move a score."""
+    provenance = json.load(open(os.path.join(shapes.STAND_INS, "provenance.json")))
+    recorded = dict(provenance["language_check"])
+    n = recorded.pop("n")
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    llm = LlamaForCausalLM.from_pretrained(STAND_IN_LLM).eval()
+    world = provenance["settings"]["world"]
+    got = shapes.language_check(llm, tok, provenance["seed"], world["image_size"], world["max_objects"], n=n)
+    for task, acc in recorded.items():
+        assert abs(got[task] - acc) <= 0.02, (task, got[task], acc)
+    assert recorded["colour"] >= 0.95 and recorded["existence"] >= 0.95  # what the default run's targets rest on
+
+
+def broken_copy(tmp_path, edit):
+    folder = tmp_path / "stand_ins"
+    shutil.copytree(shapes.STAND_INS, folder)
+    edit(folder)
+    return str(folder), {f: open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs}
+
+
+def edit_json(path, **changes):
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def flip_a_byte(path):
+    body = bytearray(open(path, "rb").read())
+    body[-1] ^= 1
+    open(path, "wb").write(bytes(body))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: os.remove(f / "llm" / "model.safetensors"), "llm/model.safetensors is missing"),
+    (lambda f: os.remove(f / "provenance.json"), "provenance.json is missing"),
+    (lambda f: flip_a_byte(f / "vision" / "model.safetensors"), "vision/model.safetensors does not match its sha256"),
+    (lambda f: edit_json(f / "vision" / "config.json", image_size=64), "vision/config.json image_size is 64"),
+    (lambda f: edit_json(f / "vision" / "config.json", patch_size=12), "vision/config.json patch_size 12"),
+    (lambda f: edit_json(f / "llm" / "config.json", vocab_size=900), "llm/config.json vocab_size is 900"),
+])
+def test_bad_stand_ins_stop_the_run_before_training(tmp_path, edit, message):
+    """One line naming the folder, the field and the command that rebuilds it, before any training; the folder is
+    left exactly as it was (nothing is rebuilt over a user's files)."""
+    folder, files = broken_copy(tmp_path, edit)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--stand_ins", folder, "--shapes_root", str(tmp_path / "w"), "--out_dir", str(tmp_path / "out")])
+    text = str(stop.value)
+    assert "\n" not in text and text.startswith(folder) and message in text
+    assert f"python shapes.py --stand_ins {folder}" in text
+    assert not os.path.exists(tmp_path / "out")
+    assert {f: open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(folder) for f in fs} == files
+
+
+def test_report_puts_scores_beside_targets_and_chance(tmp_path):
+    """Chance is the best single answer given to every question, scored by the task's own scorer: by hand, colour
+    2 of 3 (always "red"), existence F1 2/3 (always "Yes" on balanced questions)."""
+    rows = dict(colour=[("red", None), ("red", None), ("blue", None)],
+                existence=[("Yes", None), ("No", None)])
+    for task, answers in rows.items():
+        ev.write_jsonl(tmp_path / f"{task}.jsonl", [dict(question_id=i, text="q", answer=a, image="x.png")
+                                                     for i, (a, _) in enumerate(answers)])
+    assert shapes.best_constant("colour", ev.read_jsonl(tmp_path / "colour.jsonl")) == pytest.approx(2 / 3)
+    assert shapes.best_constant("existence", ev.read_jsonl(tmp_path / "existence.jsonl")) == pytest.approx(2 / 3)
+    results = dict(colour=dict(n=3, accuracy=1.0), existence=dict(n=2, f1=0.5))
+    table = shapes.report(results, str(tmp_path), dict(colour=0.98))
+    colour, existence = (next(line for line in table.splitlines() if line.startswith(t)) for t in rows)
+    assert "100.0%*" in colour and ">=90%" in colour and "66.7%" in colour and "98.0%" in colour
+    assert "50.0%!" in existence and "66.7%" in existence
+
+
+def test_world_feeds_the_dataset(tmp_path, processor):
+    from transformers import AutoTokenizer
+    w = shapes.build_shapes_world(tmp_path, **SMALL)
+    tok = AutoTokenizer.from_pretrained(STAND_IN_LLM)
+    ds = data.LlavaDataset(w["finetune"], w["image_folder"], tok, processor, "vicuna_v1", "pad", 9, 256)
+    batch = data.collate([ds[i] for i in range(4)], pad_id=tok.pad_token_id, image_size=32)
+    assert batch["has_image"].all() and (batch["input_ids"] == IMG).sum(1).tolist() == [1] * 4
+
+# =============================================================================
+# rgae.py: R-GAE (the paper's Sec. 3.1, Eqs. 2-5)
+
+
+def test_text_to_query_row_is_a_row_of_the_full_product():
+    import rgae
+    torch.manual_seed(0)
+    S, p = 7, 5
+    A_bars = [torch.rand(S, S).tril() / S for _ in range(3)]  # first layer first
+    R = torch.eye(S)
+    for A_bar in A_bars:  # Eq. 3 as written: R <- R + A_bar R, layer by layer
+        R = R + A_bar @ R
+    torch.testing.assert_close(rgae.text_to_query_row(A_bars, p), R[p])
+
+
+@pytest.mark.parametrize("N,M", [(36, 9), (36, 16), (16, 4)])
+def test_avgpool_query_to_patch_is_the_pooling_jacobian(N, M):
+    import rgae
+    n, m = int(N ** 0.5), int(M ** 0.5)
+    pool = lambda v: F.adaptive_avg_pool2d(v.view(1, 1, n, n), m).flatten()
+    jacobian = torch.autograd.functional.jacobian(pool, torch.randn(N))  # [M, N]
+    torch.testing.assert_close(rgae.pooling_map(N, M), jacobian)
+
+
+
+def test_maxpool_query_to_patch_counts_channel_maxima():
+    import rgae
+    torch.manual_seed(0)
+    x = torch.randn(36, 5)  # a 6x6 grid, 5 channels, pooled to 3x3: 2x2 windows
+    R = rgae.maxpool_map(x, 9)
+    for j in range(9):
+        r, c = divmod(j, 3)
+        window = [(2 * r + dr) * 6 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)]
+        shares = torch.zeros(36)
+        for channel in range(5):  # each channel's maximum in the window gives its patch 1/5
+            shares[window[int(x[window, channel].argmax())]] += 1 / 5
+        torch.testing.assert_close(R[j], shares)
+
+def test_qformer_gae_rules_by_hand():
+    """2 queries, 3 patches; layer 0 self- then cross-attention, layer 1 self-attention only."""
+    import rgae
+    self0 = torch.tensor([[0.5, 0.1], [0.2, 0.3]])
+    cross0 = torch.tensor([[0.4, 0.0, 0.2], [0.1, 0.3, 0.0]])
+    self1 = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
+    # layer 0 self: R_qq = I + self0 = [[1.5, .1], [.2, 1.3]], R_qi stays 0
+    # normalise(R_qq): R_qq - I has row sums .6 and .5 -> [[5/6, 1/6], [.4, .6]] + I = [[11/6, 1/6], [.4, 1.6]]
+    # cross: R_qi = normalise(R_qq)^T cross0 = [[11/6 * .4 + .4 * .1, .4 * .3, 11/6 * .2], [1/6 * .4 + 1.6 * .1, 1.6 * .3, 1/6 * .2]]
+    # layer 1 self: R_qi += self1 R_qi, i.e. rows times 1.1 and 1.2
+    expected = torch.tensor([[1.1 * (11 / 6 * 0.4 + 0.04), 1.1 * 0.12, 1.1 * 11 / 6 * 0.2],
+                             [1.2 * (0.4 / 6 + 0.16), 1.2 * 0.48, 1.2 * 0.2 / 6]])
+    got = rgae.decoder_relevance([("self", self0), ("cross", cross0), ("self", self1)], 3)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(rgae.normalise(torch.eye(3)), torch.eye(3))  # no 0/0
+    # no self-attention before the cross-attention: R_qq = I, so R_qi = cross0 itself
+    torch.testing.assert_close(rgae.decoder_relevance([("cross", cross0)], 3), cross0)
+
+
+def rgae_sample(parts, projector, M, **options):
+    import rgae
+    torch.manual_seed(0)
+    model, tok, proc = M_build(parts, projector, M, **options)
+    prompt = [tok.bos_token_id, IMG] + tok("what colour is the circle ?", add_special_tokens=False)["input_ids"]
+    answer = tok("a red circle", add_special_tokens=False)["input_ids"]
+    pixels = torch.randn(3, 32, 32)
+    return model, prompt, answer, pixels, rgae.relevance(model, pixels, prompt, answer, per_token=True)
+
+
+def M_build(parts, projector, num_tokens, **options):
+    return M.build_model(*parts, projector, num_tokens, attn_implementation="eager", **options)
+
+
+def test_rgae_targets_the_predicting_position(parts):
+    """Text-to-Query of token t, recomputed here with the full (I + A_bar) product over the LLM's attention maps,
+    from the gradient of the logit of y_t at the position BEFORE y_t; y_t's own position gives another answer."""
+    model, prompt, answer, pixels, maps = rgae_sample(parts, "avgpool", 4)
+    ids = torch.tensor([prompt + answer])
+    embeds, mask, _, positions = model.splice(ids, torch.ones_like(ids), None, pixels[None])
+    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_attentions=True)
+    p, Mv = prompt.index(IMG), 4
+    rows = {}
+    for t, y in enumerate(answer):
+        y_pos = len(prompt) - 1 + Mv + t
+        for name, pos in (("predicting", y_pos - 1), ("own", y_pos)):
+            grads = torch.autograd.grad(out.logits[0, pos, y], out.attentions, retain_graph=True)
+            R = torch.eye(embeds.shape[1])
+            for g, A in zip(grads, out.attentions):
+                R = R + (g * A).clamp(min=0).mean(1)[0] @ R
+            rows.setdefault(name, []).append(R[pos, p:p + Mv])
+    torch.testing.assert_close(maps["text_to_query_t"], torch.stack(rows["predicting"]))
+    assert not torch.allclose(maps["text_to_query_t"], torch.stack(rows["own"]))
+
+
+@pytest.mark.parametrize("projector,M,options", [
+    ("linear", 16, {}), ("avgpool", 4, {}), ("maxpool", 4, {}), ("cabstractor", 4, dict(depth=1)),
+    ("qformer", 4, dict(hidden_size=16, num_heads=2, intermediate_size=32)), ("dabstractor", 4, dict(num_layers=1))])
+def test_rgae_maps_for_every_projector(parts, projector, M, options):
+    model, prompt, answer, pixels, maps = rgae_sample(parts, projector, M, **options)
+    L, N = len(answer), 16
+    assert maps["text_to_query_t"].shape == (L, M) and maps["query_to_patch_t"].shape == (L, M, N)
+    for k in ("text_to_query", "query_to_patch", "text_to_patch"):  # Eq. 5: the mean over t of the per-t maps
+        torch.testing.assert_close(maps[k], maps[k + "_t"].mean(0))
+        assert torch.isfinite(maps[k]).all() and (maps[k] >= 0).all()
+    products = torch.einsum("lm,lmn->ln", maps["text_to_query_t"], maps["query_to_patch_t"])  # Eq. 4 per t
+    torch.testing.assert_close(maps["text_to_patch_t"], products)
+    assert maps["text_to_query"].sum() > 0
+    import rgae
+    batched = rgae.relevance(model, pixels, prompt, answer, per_token=True, targets_per_backward=2)
+    for k in maps:  # two targets per backward pass, then one: the same maps as one autograd.grad call per target
+        torch.testing.assert_close(batched[k], maps[k], rtol=1e-5, atol=1e-6)
+    if projector == "linear":
+        torch.testing.assert_close(maps["query_to_patch"], torch.eye(N))
+    if projector == "maxpool":  # each visual token's channels take their maxima from its own 2x2 window
+        torch.testing.assert_close(maps["query_to_patch"].sum(-1), torch.ones(M))
+        assert set(maps["query_to_patch"][0].nonzero().flatten().tolist()) <= {0, 1, 4, 5}
+
+
+def test_cabstractor_gradient_times_input_against_the_jacobian():
+    import rgae
+    torch.manual_seed(0)
+    proj = build_projector("cabstractor", 8, 12, 16, 4, depth=1)
+    x = torch.randn(1, 16, 8, requires_grad=True)
+    grad_visual = torch.randn(1, 4, 12)
+    got = rgae.gradient_times_input(x, proj(x), grad_visual)
+    J = torch.autograd.functional.jacobian(proj, x)[0, :, :, 0]  # [M, d_llm, N, C]
+    through_j = torch.einsum("md,mdnc->mnc", grad_visual[0], J)  # dz/dx along visual token j alone
+    R = (through_j * x[0].detach()).sum(-1).clamp(min=0)
+    torch.testing.assert_close(got, R / R.sum(-1, keepdim=True))
+
+def test_patches_in_box_by_hand():
+    import rgae
+    # a 4x4 grid: patch centres at 0.125, 0.375, 0.625, 0.875 on each axis
+    assert rgae.patches_in_box([0.0, 0.0, 0.5, 0.5], 4).nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert rgae.patches_in_box([0.3, 0.3, 0.7, 0.7], 4).nonzero().flatten().tolist() == [5, 6, 9, 10]
+    assert rgae.patches_in_box([0.6, 0.0, 1.0, 0.3], 4).nonzero().flatten().tolist() == [2, 3]
+
+
+def test_rgae_command_writes_figure_and_maps(world, tmp_path):
+    import rgae
+    train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=1"))
+    image = os.path.join(world["image_folder"], "eval_00000.png")
+    rgae.main([f"--ckpt={tmp_path}", f"--image={image}", "--text=a red circle", "--raw_attention",
+               f"--out={tmp_path / 'fig.png'}"])
+    maps = __import__("numpy").load(tmp_path / "fig.npz")
+    assert maps["text_to_patch"].shape == (16,) and maps["query_to_patch_t"].shape[1:] == (4, 16)
+    assert maps["raw_attention"].shape == (16,)
+    assert Image.open(tmp_path / "fig.png").size[0] > 6 * 160
+
+# =============================================================================
+# bench.py
+
+
+def test_bench_feeds_transformers_llava_our_batch(tmp_path):
+    """bench.py's transformers side trains the same parameters, and with our weights copied in (LoRA included) gives
+    our loss on its batch: the image token repeated N times, its labels ignored."""
+    import bench
+    cfg = bench.BenchConfig(batch_size=2, text_tokens=12)
+    bench.save_models(cfg, tmp_path)
+    ours = M.build_model(str(tmp_path / "vision"), str(tmp_path / "llm"), "linear", 0, cfg.lora_r, 2 * cfg.lora_r,
+                         attn_implementation="eager")[0]
+    theirs = bench.build_hf_llava(cfg, str(tmp_path), torch.float32)
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == sum(p.numel() for p in trainable)
+    with torch.no_grad():
+        for p in trainable:  # LoRA's B starts at zero: make every adapter count
+            p.normal_(0, 0.05)
+    llava, llm = theirs.base_model.model, ours.llm.base_model.model
+    llava.model.vision_tower.load_state_dict(ours.vision_tower.state_dict())
+    llava.model.language_model.load_state_dict(llm.model.state_dict())
+    llava.lm_head.load_state_dict(llm.lm_head.state_dict())
+    llava.model.multi_modal_projector.linear_1.load_state_dict(ours.projector[0].state_dict())
+    llava.model.multi_modal_projector.linear_2.load_state_dict(ours.projector[2].state_dict())
+    ids, pixels = bench.random_inputs(cfg, ours.vision_tower.config.image_size)
+    N = ours.num_visual_tokens
+    expanded = bench.expand_image(ids, N, bench.HF_IMAGE_TOKEN)
+    assert expanded.shape == (2, 12 - 1 + N)
+    mine = ours(ids, torch.ones_like(ids), ids.clamp(min=0), pixels)[0]
+    loss = theirs(input_ids=expanded, attention_mask=torch.ones_like(expanded), labels=bench.expand_image(ids, N, X),
+                  pixel_values=pixels).loss
+    torch.testing.assert_close(mine, loss)
+
+
+# =============================================================================
+# experiments.py: the paper's tables and figures over run folders
+
+
+def fake_run(path, projector, scores, box=None, m=9):
+    """A run folder as train.py leaves it: ckpt/config.json, ckpt/model.safetensors (16 projector weights and a
+    LoRA tensor, which is not the projector's), eval.json; rgae_box.json where box is given."""
+    from safetensors.torch import save_file
+    (path / "ckpt").mkdir(parents=True)
+    (path / "ckpt" / "config.json").write_text(json.dumps(dict(projector=projector, num_tokens=m)))
+    save_file({"projector.0.weight": torch.zeros(4, 3), "projector.0.bias": torch.zeros(4),
+               "llm.lora_A": torch.zeros(5, 5)}, str(path / "ckpt" / "model.safetensors"))
+    (path / "eval.json").write_text(json.dumps({t: {ev.HEADLINE[t]: v, "n": 1} for t, v in scores.items()}))
+    if box is not None:
+        (path / "rgae_box.json").write_text(json.dumps(dict(n=1, share_in_box=box)))
+    return str(path)
+
+
+def test_plot_curves_smooths_each_log(tmp_path):
+    for name, losses in (("a", range(1, 41)), ("b", [5.0] * 10)):
+        ev.write_jsonl(tmp_path / f"{name}.jsonl", [dict(step=i, loss=float(v)) for i, v in enumerate(losses)])
+    final = train.plot_curves([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], ["a", "b"], tmp_path / "c.png", smooth=20)
+    assert final == [sum(range(21, 41)) / 20, 5.0]  # the mean of the last 20 losses, or of all there are
+    assert Image.open(tmp_path / "c.png").size == (640, 360)
+
+
+def test_threshold_step_by_hand():
+    # moving averages over 2: 1.0, 0.75, 0.25, 0.0 -> first below 0.4 at step 3
+    assert ex.threshold_step([1.0, 0.5, 0.0, 0.0], below=0.4, smooth=2) == (3, 0.0)
+    assert ex.threshold_step([1.0, 1.0], below=0.4, smooth=2) == (None, 1.0)
+
+
+def test_plot_bars_draws_each_runs_headline_metric(tmp_path):
+    runs = [fake_run(tmp_path / "full", "avgpool", dict(colour=1.0, grounding=1.0)),
+            fake_run(tmp_path / "empty", "avgpool", dict(colour=0.0, grounding=0.0))]
+    scores = ex.plot_bars(runs, ["full", "empty"], tmp_path / "bars.png")
+    assert scores == dict(full=dict(colour=100.0, grounding=100.0), empty=dict(colour=0.0, grounding=0.0))
+    image = Image.open(tmp_path / "bars.png").convert("RGB")
+    # two task groups over the 670-px axis from x=40: in the first, the first run's bar spans x 74..205, the
+    # second's 208..339
+    first = tuple(int(train.PLOT_COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
+    assert image.getpixel((150, 60)) == first and image.getpixel((150, 200)) == first  # 100%: to the top
+    assert image.getpixel((300, 200)) == (255, 255, 255)  # the second run's bar: 0%, nothing drawn
+
+
+def test_mean_table_averages_a_run_over_seeds(tmp_path):
+    runs = {"avgpool": [fake_run(tmp_path / f"s{s}", "avgpool", dict(colour=c, existence=c / 2), box)
+                        for s, c, box in ((0, 0.9, 0.2), (1, 0.6, None), (2, 0.75, 0.1))],
+            "linear": [fake_run(tmp_path / "lin", "linear", dict(colour=0.9, existence=0.45), 0.2, m=144)]}
+    table = ex.mean_table(runs, ["colour", "existence", "in box", "grounding"]).splitlines()
+    assert table[0] == "| run | M | projector params | seeds | colour | existence F1 | in box | grounding |"
+    # colour 90, 60, 75 -> mean 75; F1 half of it; relevance in box in two of the three seeds: 20 and 10
+    assert table[2] == "| avgpool | 9 | 16 | 3 | 75.0 (60.0-90.0) | 37.5 (30.0-45.0) | 15.0 (10.0-20.0) | - |"
+    assert table[3] == "| linear | 144 | 16 | 1 | 90.0 | 45.0 | 20.0 | - |"
+
+
+def test_seed_table_differences_by_hand(tmp_path):
+    every = lambda v: {t: v for t in ev.HEADLINE}
+    pairs = [(fake_run(tmp_path / "a0", "avgpool", every(0.9)), fake_run(tmp_path / "b0", "maxpool", every(0.8))),
+             (fake_run(tmp_path / "a1", "avgpool", every(0.5)), fake_run(tmp_path / "b1", "maxpool", every(0.75)))]
+    rows = ex.seed_table(pairs, [0, 1], ("average", "max")).splitlines()
+    assert rows[2].startswith("| average | 0 | 90.0 | 90.0 |") and rows[5].startswith("| max | 1 | 75.0 |")
+    assert rows[6] == "| average - max | 0 / 1 | " + " | ".join(["+10.0 / -25.0"] * len(ev.HEADLINE)) + " |"
+
+
+def test_position_by_objects_by_hand(tmp_path):
+    (tmp_path / "world" / "eval").mkdir(parents=True)
+    ev.write_jsonl(tmp_path / "world" / "eval" / "count.jsonl", [dict(image="a.png", answer="1"),
+                                                                  dict(image="b.png", answer="3")])
+    ev.write_jsonl(tmp_path / "world" / "eval" / "position.jsonl", [
+        dict(question_id=0, image="a.png", answer="top left"), dict(question_id=1, image="b.png", answer="center"),
+        dict(question_id=2, image="b.png", answer="right")])
+    (tmp_path / "run").mkdir()
+    ev.write_jsonl(tmp_path / "run" / "answers_position.jsonl", [
+        dict(question_id=0, text="Top left."), dict(question_id=1, text="center"), dict(question_id=2, text="left")])
+    assert ex.position_by_objects(tmp_path / "world", tmp_path / "run") == {1: (1, 1), 3: (1, 2)}
+
+
+def test_an_experiment_trains_only_the_runs_not_done(tmp_path, monkeypatch):
+    calls = []
+
+    def run(command, check):  # what train.py does: a scored run in --out_dir
+        calls.append(command)
+        fake_run(tmp_path / os.path.relpath(command[command.index("--out_dir") + 1], tmp_path), "avgpool",
+                 {t: 0.5 for t in ev.HEADLINE})
+    monkeypatch.setattr(ex.subprocess, "run", run)
+    cfg = ex.ExperimentsConfig(out_dir=str(tmp_path / "paper"), figures=str(tmp_path / "fig"),
+                               train_args="--epochs 1")
+    fake_run(tmp_path / "paper" / "seed0" / "maxpool", "maxpool", {t: 0.25 for t in ev.HEADLINE})  # done already
+    os.makedirs(cfg.figures)
+    table = ex.fig7(cfg, [0]).splitlines()
+    assert len(calls) == 1 and calls[0][1:] == [
+        "train.py", "--projector", "avgpool", "--seed", "0", "--shapes_root", "data/shapes",
+        "--out_dir", str(tmp_path / "paper" / "seed0" / "avgpool"), "--resume", "--epochs", "1"]
+    assert table[-1].startswith("| average - max | 0 | +25.0 |")
+    assert os.path.isfile(tmp_path / "fig" / "fig7_avg_max.png")
+    ex.fig7(cfg, [0])  # everything is done now: nothing trains
+    assert len(calls) == 1
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    torch.manual_seed(0)
+    blank = lambda images, return_tensors: {"pixel_values": torch.zeros(1, 3, 2, 2)}
+    _, labels = ex.probe_scenes(blank, 500, seed=0)
+    occupied = labels["shape"] < len(shapes.SHAPES)
+    assert occupied.sum(1).min() >= 1 and occupied.sum(1).max() <= 3
+    assert (labels["shape"] < len(shapes.SHAPES)).eq(labels["colour"] < len(shapes.COLOURS)).all()
+    assert ((labels["colour_of_shape"] < len(shapes.COLOURS)).sum(1) == occupied.sum(1)).all()
+    # features that spell out each cell's shape and colour: a linear probe reads both
+    exact = torch.cat([F.one_hot(labels["shape"], len(shapes.SHAPES) + 1),
+                       F.one_hot(labels["colour"], len(shapes.COLOURS) + 1)], -1).float()  # [n, 9, 11]
+    r = ex.linear_probe(exact + 0.01 * torch.randn(exact.shape), labels)
+    assert r["shape"] == r["colour"] == 1.0 and r["n_cells"] == int(occupied[400:].sum())
+    # "the colour of the circle" is not linear in the cells' one-hots (an AND of shape and colour per cell)...
+    assert r["colour_of_shape"] < 0.7
+    # ...but it is in their products, one per cell, shape and colour
+    bound = (exact[..., :len(shapes.SHAPES) + 1, None] * exact[..., None, len(shapes.SHAPES) + 1:]).flatten(2)
+    assert ex.linear_probe(bound, labels)["colour_of_shape"] > 0.95  # a triple or two unseen in 400 scenes
+    # features that hold only the colours: the shape probe falls to about chance, colour stays
+    colour_only = exact[..., len(shapes.SHAPES) + 1:]
+    r = ex.linear_probe(colour_only + 0.01 * torch.randn(colour_only.shape), labels)
+    assert r["colour"] == 1.0 and r["shape"] < 0.5
+
+
+def test_cell_box_baseline_by_hand():
+    n = 5  # 4 scenes fit the mean boxes, the fifth is held out
+    labels = dict(shape=torch.full((n, 9), len(shapes.SHAPES)), box=torch.zeros(n, 9, 4))
+    labels["shape"][:, 0] = 0
+    labels["box"][:, 0] = torch.tensor([[0, 0, .2, .2], [0, 0, .2, .2], [.1, .1, .3, .3], [.1, .1, .3, .3],
+                                        [.05, .05, .25, .25]])
+    labels["shape"][4, 4] = 1  # a cell never occupied in the first four: its mean box is empty, IoU 0
+    labels["box"][4, 4] = torch.tensor([.4, .4, .6, .6])
+    assert ex.cell_box_baseline(labels) == 0.5  # cell 0's mean [.05, .05, .25, .25] hits exactly; cell 4 misses
+
+
+# ---- the house: imports run one way
+
+
+def project_imports():
+    """{module: the project's modules it imports}, imports inside functions included, from each file's syntax tree."""
+    import ast
+    import glob
+    modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, "*.py")) if "test" not in f}
+    graph = {}
+    for m in modules:
+        names = set()
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, m + ".py")).read())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        graph[m] = names & modules - {m}
+    return graph
+
+
+def test_imports_run_one_way():
+    """No cycle among the project's modules, and the model, its projectors and the LLaVA data path import nothing
+    of the shapes world, the training loop or the evaluation."""
+    graph = project_imports()
+    assert {"config", "data", "eval", "model", "projectors", "shapes", "train"} <= set(graph)
+    done = set()
+
+    def visit(m, path):
+        assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            for d in sorted(graph[m]):
+                visit(d, path + [m])
+            done.add(m)
+    for m in sorted(graph):
+        visit(m, [])
+    for low in ("config", "projectors", "model", "data"):
+        assert not graph[low] & {"shapes", "train", "eval", "rgae", "bench"}, (low, graph[low])
+    assert graph["config"] == set() and "shapes" not in graph["eval"]

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import shapes
 from config import lr_factor, parse_args
 from data import LlavaDataset, collate
-from eval import evaluate_shapes, plot_curves
+from eval import evaluate_shapes, read_jsonl
 from model import (CONFIG, WEIGHTS, build_model, load_trainable, parse_projector_options, read_blip2,
                    save_trainable)
 
@@ -307,6 +308,41 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
 STAGES = dict(both=["pretrain", "finetune"], pretrain=["pretrain"], finetune=["finetune"], onestage=["finetune"])
 PHASES = dict(pretrain="stage 1, pretrain: the projector alone, on captions (template plain)",
               finetune="stage 2, finetune: the projector and LoRA, on conversations (template vicuna_v1)")
+
+
+# -----------------------------------------------------------------------------
+# the loss curve each run draws (loss.png)
+
+PLOT_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]  # one per curve or bar
+
+
+def moving_average(values, n):
+    return [sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1]) for i in range(len(values))]
+
+
+def plot_curves(logs, names, path, size=(640, 360), smooth=20):
+    """The loss of each log.jsonl against its step, a moving average over `smooth` steps, drawn with pillow."""
+    curves = [moving_average([r["loss"] for r in read_jsonl(log, ("loss",))], smooth) for log in logs]
+    lo, hi = min(min(c) for c in curves), max(max(c) for c in curves)
+    steps = max(len(c) for c in curves)
+    W, H, pad = size[0], size[1], 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([pad, 10, W - 10, H - pad], outline="black")
+    xy = lambda i, v: (pad + (W - 10 - pad) * i / max(1, steps - 1), H - pad - (H - pad - 10) * (v - lo) / (hi - lo))
+    for k, (curve, name) in enumerate(zip(curves, names)):
+        colour = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+        draw.line([xy(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
+        draw.text((W - 250, 16 + 14 * k), f"{name}: {curve[-1]:.3f}", fill=colour)
+    draw.text((pad, H - pad + 6), f"step 1 .. {steps}", fill="black")
+    draw.text((4, 10), f"{hi:.2f}", fill="black")
+    draw.text((4, H - pad - 10), f"{lo:.2f}", fill="black")
+    draw.text((pad + 4, H - 16), f"loss, moving average over {smooth} steps", fill="black")
+    image.save(path)
+    return [c[-1] for c in curves]
+
+# -----------------------------------------------------------------------------
+# the command line
 
 
 def main(argv):
