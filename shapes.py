@@ -629,11 +629,10 @@ def check_stand_ins(folder, image_size):
 # the default run: its recipe, its stand-ins, its report
 
 # the shapes world trains tiny models on a CPU: its own recipe where the command line names none. 9 visual tokens:
-# the 12x12 patch grid pooled to one token per cell of the world's 3x3 layout. Stage 1 for 4 epochs of the captions
-# (2 left colour from images at 86% in world 0 while its LLM read it from text at 100%), stage 2 for 1 epoch of the
-# 10,000 conversations, image and text (EXPERIMENTS.md)
+# the 12x12 patch grid pooled to one token per cell of the world's 3x3 layout. Stage 1 for 2 epochs of the captions,
+# stage 2 for 1 epoch of the 10,000 conversations, image and text (EXPERIMENTS.md has what more of either gave)
 RECIPE = dict(num_tokens=9, max_length=256, pretrain_batch_size=16, pretrain_lr=1e-3, finetune_batch_size=16,
-              finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=4, finetune_epochs=1,
+              finetune_lr=1e-3, finetune_projector_lr=1e-3, micro_batch_size=16, epochs=2, finetune_epochs=1,
               lora_r=128, lora_alpha=256, lora_dropout=0.0, save_every=100, num_workers=0)
 # the Q-Former at the tiny LLM's width (the paper's is 768 wide for a 4096-wide LLM); the others are as wide as d_v
 PROJECTOR_OPTIONS = dict(qformer="hidden_size=128,num_heads=4,intermediate_size=512")
