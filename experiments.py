@@ -31,10 +31,12 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from tqdm import tqdm
 
+import rgae
 from config import parse_args
 from eval import HEADLINE, box_iou, read_jsonl
+from model import load_model
 from shapes import COLOURS, SHAPES, draw_scene, random_scene
-from train import PLOT_COLOURS, moving_average
+from train import PLOT_COLOURS, moving_average, plot_curves
 
 PROJECTORS = ("linear", "avgpool", "maxpool", "qformer", "cabstractor", "dabstractor")
 TASK_NAMES = dict(colour="colour", shape="shape", count="count", existence="existence F1", position="position",
@@ -227,7 +229,6 @@ def table3(cfg, seeds):
 
 
 def fig3(cfg, seeds):
-    import rgae
     seed = seeds[0]
     record = read_jsonl(os.path.join(world_root(seed), "eval", "grounding.jsonl"))[0]
     image = os.path.join(world_root(seed), "images", record["image"])
@@ -242,7 +243,6 @@ def fig3(cfg, seeds):
 
 
 def fig5(cfg, seeds):
-    from train import plot_curves
     names = ("avgpool", "cabstractor", "qformer")
     runs = projector_runs(cfg, seeds, names)
     logs = {p: [os.path.join(r, "pretrain", "log.jsonl") for r in paths] for p, paths in runs.items()}
@@ -283,7 +283,6 @@ def fig8(cfg, seeds):
 
 
 def probe(cfg, seeds):
-    from model import load_model
     rows = []
     for seed in seeds:
         with open(os.path.join(world_root(seed), "settings.json")) as f:
