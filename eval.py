@@ -256,7 +256,7 @@ def evaluate_shapes(model, tokenizer, image_processor, eval_dir, image_folder, o
 
 
 # -----------------------------------------------------------------------------
-# the command line
+# what eval.py prints for a shapes-world checkpoint, and where it finds its questions
 
 
 def format_table(results):
