@@ -43,7 +43,7 @@ STAND_INS = os.path.join(HERE, "stand_ins")  # the shipped tiny CLIP and Vicuna
 # -----------------------------------------------------------------------------
 # the world: scenes, their texts and questions, the files
 
-WORLD_VERSION = 5  # bump whenever the generation below changes, so cached worlds are rebuilt
+WORLD_VERSION = 6  # bump whenever the generation below changes, so cached worlds are rebuilt
 BACKGROUND = (235, 235, 235)
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -219,13 +219,17 @@ ASK = dict(colour=ask_colour, shape=ask_shape, count=ask_count, existence=ask_ex
 
 def train_records(rng, objects, name, qa_turns):
     """One pretrain (plain caption), one finetune (vicuna QA turns) and one text-only record for an image: the same
-    turns with the scene in cell notation where the image was."""
+    turns with the scene in cell notation where the image was. The turns ask the colour of every object, the lookup by
+    shape that the MLLM learns last from images, and fill the rest with the other tasks, one turn each."""
     rid = name[: -len(".png")]
     cap = caption(objects)
-    tasks = [t for t in TASKS if t != "relpos" or len(objects) > 1]
+    others = [t for t in TASKS if t != "colour" and (t != "relpos" or len(objects) > 1)]
+    asks = [(ask_colour, [o]) for o in objects]
+    asks += [(ASK[t], objects) for t in rng.sample(others, qa_turns - len(objects))]
+    rng.shuffle(asks)
     conversations = []
-    for k, task in enumerate(rng.sample(tasks, qa_turns)):
-        q, a = ASK[task](rng, objects, rng.random() < 0.5)[:2]
+    for k, (ask, about) in enumerate(asks):
+        q, a = ask(rng, about, rng.random() < 0.5)[:2]
         if k == 0:
             q = q + "\n" + IMAGE_TOKEN if rng.random() < 0.1 else IMAGE_TOKEN + "\n" + q
         conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
@@ -288,8 +292,8 @@ def build_shapes_world(root, seed=0, n_train=5000, n_eval=300, image_size=96, ma
             if json.load(f) == settings:
                 return dict(paths, settings=settings)
         os.remove(settings_path)
-    if not 1 <= max_objects <= len(SHAPES) or not 1 <= qa_turns <= len(TASKS) - 1:
-        raise ValueError(f"max_objects must be in 1..{len(SHAPES)} and qa_turns in 1..{len(TASKS) - 1}")
+    if not 1 <= max_objects <= len(SHAPES) or not max_objects <= qa_turns <= len(TASKS) - 1:
+        raise ValueError(f"max_objects must be in 1..{len(SHAPES)} and qa_turns in max_objects..{len(TASKS) - 1}")
     t0 = time.time()
     for folder in ("images", "eval"):  # only our own subfolders, never root itself
         shutil.rmtree(os.path.join(root, folder), ignore_errors=True)

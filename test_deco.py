@@ -736,8 +736,9 @@ def test_training_loss_falls(world, tmp_path):
     train.main(train_args(world, tmp_path, "--stage=finetune", "--epochs=10", "--lora_dropout=0"))
     losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
     assert len(losses) == 10 * 64 // 16
-    # a random LLM starts near ln(vocab size) = 6.4; LoRA alone (embeddings and lm_head frozen) moves it slowly
-    assert losses[0] > 6 and sum(losses[-4:]) / 4 < losses[0] - 0.5
+    # a random LLM starts near ln(vocab size) = 6.4; LoRA alone (embeddings and lm_head frozen) moves it slowly, by
+    # several times the step-to-step noise (about 0.05)
+    assert losses[0] > 6 and sum(losses[-4:]) / 4 < losses[0] - 0.3
 
 
 def test_onestage_uses_and_saves_prism_weight_decay(world, tmp_path):
@@ -1578,6 +1579,18 @@ def test_world_is_deterministic_and_well_formed(tmp_path):
                 assert r["answer"] == "[" + ", ".join(f"{v:.2f}" for v in r["bbox"]) + "]"
             ids.append(r["question_id"])
     assert len(ids) == len(set(ids))
+
+
+def test_world_asks_every_objects_colour(tmp_path):
+    w = shapes.build_shapes_world(tmp_path, seed=2, n_train=60, n_eval=1)
+    for r in json.load(open(w["text"])):
+        turns = r["conversations"]
+        scene = re.findall(r"<\w+:(\w+)_(\w+)>", turns[0]["value"])  # the cell words of the non-empty cells
+        colour_of = {shape: colour for colour, shape in scene}
+        asked = [(re.search(r"What colour is the (\w+)\?", q["value"]), a["value"])
+                 for q, a in zip(turns[::2], turns[1::2]) if "\nA. " not in q["value"]]  # not mc's colour question
+        asked = [(m.group(1), a) for m, a in asked if m]
+        assert len(turns) == 12 and sorted(asked) == sorted(colour_of.items())
 
 
 def test_world_balance_and_answers(tmp_path):
