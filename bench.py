@@ -67,6 +67,13 @@ class BenchConfig:
     sampler_samples: int = 2000  # image and text-only records, text-only in LLaVA-665k's share
     device: str = ""  # default: cuda if available
     out: str = "bench.json"
+    plan: bool = False  # LLaVA-1.5-7B's stage 2 on paper (nothing is timed): counts, FLOPs, memory, hours
+    plan_text_tokens: int = 700  # text tokens of a LLaVA-665K sample, besides the visual ones
+    plan_lora_r: int = 128
+    plan_gpu: str = "A100"  # a key of PEAK_BF16_TFLOPS
+    plan_gpu_gb: float = 80
+    plan_mfu: float = 0.4
+    plan_micro_batch_size: int = 0  # check one micro-batch against the GPU's memory; 0 = the table alone
 
 
 def save_models(cfg, root):
@@ -140,6 +147,9 @@ def bench_projector(cfg, root, name, device):
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     step_s, peak = step_time(lambda: model(**batch)[0], trainable, cfg, device)
+    flops, peak_flops = step_flops(model, batch, cfg.lora_r), peak_tflops(device)
+    counted = dict(step_tflop=flops / 1e12, achieved_tflops=flops / step_s / 1e12,
+                   mfu=flops / step_s / (peak_flops * 1e12) if peak_flops else None) if flops else {}
     checkpointing = {}
     if cfg.gradient_checkpointing:
         model.llm.activation_checkpointing_enable()  # non-reentrant by default
@@ -170,11 +180,80 @@ def bench_projector(cfg, root, name, device):
     return dict(projector=name, visual_tokens=model.num_visual_tokens,
                 trainable_params=sum(p.numel() for p in trainable),
                 projector_params=sum(p.numel() for p in model.projector.parameters()),
-                step_s=step_s, samples_per_s=B / step_s, peak_gib=peak, **checkpointing,
+                step_s=step_s, samples_per_s=B / step_s, peak_gib=peak, **counted, **checkpointing,
                 generate_tokens_per_s_cache=B * cfg.new_tokens / gen[True],
                 generate_tokens_per_s_no_cache=B * cfg.new_tokens / gen[False], cache_speedup=gen[False] / gen[True],
                 forward_backward_s=fb, rgae_s=maps, rgae_over_fb=maps / fb, rgae_batched_s=batched,
                 rgae_batched_over_fb=batched / fb)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs of one training step, counted from the configs (multiply-adds x 2; only matrix products, as
+# torch.utils.flop_counter counts them: norms, activations, softmax and RoPE are left out)
+
+PEAK_BF16_TFLOPS = {"A100": 312, "H100 SXM": 989, "H100 PCIe": 756, "H200": 989}  # dense, no sparsity
+
+
+def linear_flops(tokens, fan_in, fan_out):
+    return 2 * tokens * fan_in * fan_out
+
+
+def train_step_flops(vision, llm, M, B, T, K, lora_r=0, projector="avgpool"):
+    """FLOPs of one step of B samples of T tokens after the splice (M of them visual) through a CLIP tower and a
+    Llama, `vision` and `llm` their configs; K positions of each sample go through the LM head (MLLM.forward keeps
+    the supervised ones). lora_r 0 is stage 1 (the projector alone trains), else stage 2 with LoRA on every Linear of
+    the LLM. The projector is LLaVA's MLP after pooling (linear, avgpool, maxpool). -> dict of the parts and `total`.
+
+      tower, forward only (frozen):   B [2 N (3 p^2) d_v  +  L_v (2 S (4 d_v^2 + 2 d_v f_v)  +  4 S^2 d_v)],  S = N + 1
+      projector:                      forward 2 B M (d_v d + d^2); backward dW of both Linears + dX of the second
+      LLM forward, per layer:         2 B T (2 d^2 + 2 d d_kv + 3 d f)  +  4 B T^2 d    (attention over all T x T)
+      LLM backward:                   the frozen Linears' dX (= their forward), attention's 2x forward
+      LoRA on each Linear (in, out):  forward 2 B T r (in + out); backward dX and dW of A and B, 2x forward
+      LM head:                        2 B K d V forward, the same again for dX
+    """
+    d_v, f_v, L_v = vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers
+    N, p = (vision.image_size // vision.patch_size) ** 2, vision.patch_size
+    d, f, L, V = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size
+    d_kv = d // llm.num_attention_heads * llm.num_key_value_heads
+    if projector not in ("linear", "avgpool", "maxpool"):
+        raise ValueError(f"FLOPs are counted for the MLP projectors (linear, avgpool, maxpool), not {projector}")
+    S = N + 1
+    tower = B * (linear_flops(N, 3 * p * p, d_v) + L_v * (linear_flops(S, d_v, 4 * d_v + 2 * f_v) + 4 * S * S * d_v))
+    proj_fwd = linear_flops(B * M, d_v, d) + linear_flops(B * M, d, d)
+    proj_bwd = proj_fwd + linear_flops(B * M, d, d)
+    shapes = [(d, d), (d, d_kv), (d, d_kv), (d, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
+    linears = L * sum(linear_flops(B * T, i, o) for i, o in shapes)
+    attention = L * 4 * B * T * T * d
+    lora = L * sum(linear_flops(B * T, i, lora_r) + linear_flops(B * T, lora_r, o) for i, o in shapes)
+    head = linear_flops(B * K, d, V)
+    parts = dict(tower=tower, projector=proj_fwd + proj_bwd, llm_forward=linears + attention + lora + head,
+                 llm_backward=linears + 2 * attention + 2 * lora + head)
+    return dict(parts, total=sum(parts.values()))
+
+
+def peak_tflops(device):
+    """The bf16 dense peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" is the SXM part); None off CUDA
+    or for a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, gpu in (("H100 PCIe", "H100 PCIe"), ("H100", "H100 SXM"), ("H200", "H200"), ("A100", "A100")):
+        if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+            return PEAK_BF16_TFLOPS[gpu]
+    return None
+
+
+def step_flops(model, batch, lora_r):
+    """train_step_flops for this model and batch: T and the LM head's K read off the spliced batch as
+    MLLM.forward makes it. None for the projectors it does not count."""
+    if model.projector_name not in ("linear", "avgpool", "maxpool"):
+        return None
+    with torch.no_grad():
+        labels = model.splice(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])[2]
+    B, T = labels.shape
+    K = int((labels[:, 1:] != IGNORE_INDEX).any(0).sum())
+    return train_step_flops(model.vision_tower.config, model.llm.config, model.num_visual_tokens, B, T, K, lora_r,
+                            model.projector_name)["total"]
 
 
 # -----------------------------------------------------------------------------
@@ -313,6 +392,129 @@ def bench_sampler(world, cfg):
 
 
 # -----------------------------------------------------------------------------
+# LLaVA-1.5-7B on paper (--plan): its shapes built on the meta device (no download, no memory), the FLOPs of
+# train_step_flops, and the activation bytes measured on one and two layers at Vicuna-7B's width
+
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16)
+PUBLISHED_PARAMS = dict(llm=6.74e9, tower=304e6)  # Llama-2-7B's card (Vicuna-7B v1.5 is its fine-tune); CLIP-L/14
+LLAVA_665K = dict(image=665298 - 40688, text=40688)  # llava_v1_5_mix665k.json: ShareGPT's 40,688 have no image
+LLAVA_STAGE2_HOURS = 10  # LLaVA's README: visual instruction tuning of LLaVA-v1.5-7B, 8x A100, full fine-tuning
+PAPER_M = dict(linear=576, avgpool=144, maxpool=144, qformer=144, cabstractor=144, dabstractor=144)
+
+
+def meta_models(vision=CLIP_L_336, llm=VICUNA_7B, lora_r=128):
+    """The tower and the LoRA'd LLM with every tensor on the meta device: shapes and counts, no memory."""
+    from peft import LoraConfig, get_peft_model
+    with torch.device("meta"):
+        tower = CLIPVisionModel(CLIPVisionConfig(**vision))
+        lm = LlamaForCausalLM(LlamaConfig(**llm))
+    counts = dict(tower=sum(p.numel() for p in tower.parameters()), llm=sum(p.numel() for p in lm.parameters()))
+    lm = get_peft_model(lm.requires_grad_(False), LoraConfig(r=lora_r, lora_alpha=2 * lora_r,
+                                                             target_modules="all-linear"))
+    counts["lora"] = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    return tower, lm, counts
+
+
+def saved_bytes(llm, lora_r, layers, lengths, batch=1):
+    """Bytes autograd keeps for backward in a stage-2 forward of `batch` samples of T tokens, for each T of
+    `lengths`, through a Llama of `layers` layers at `llm`'s width: bf16 under autocast, LoRA on every Linear, the LM
+    head on one position. Counted with saved_tensors_hooks, each storage once, the frozen weights left out (they are
+    held anyway). The weights are left uninitialised: what is kept depends on the shapes alone."""
+    from peft import LoraConfig, get_peft_model
+    with torch.device("meta"):  # the vocabulary cut to 8: embeddings are not read, the head sees one position
+        lm = LlamaForCausalLM(LlamaConfig(**dict(llm, num_hidden_layers=layers, vocab_size=8)))
+    lm = lm.to(torch.bfloat16).to_empty(device="cpu").requires_grad_(False)
+    lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear"))
+    frozen = {p.untyped_storage().data_ptr() for p in lm.parameters() if not p.requires_grad}
+    out = []
+    for T in lengths:
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in frozen:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.zeros(batch, T, llm["hidden_size"], dtype=torch.bfloat16, requires_grad=True)  # visual tokens
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            lm(inputs_embeds=x, logits_to_keep=1)
+        out.append(sum(kept.values()))
+    return out
+
+
+def activation_bytes(llm, lora_r, T1=32, T2=64):
+    """(per token and layer, per token outside the layers): the slopes in T of saved_bytes, at 1 and 2 layers."""
+    slope = {}
+    for n in (1, 2):
+        a, b = saved_bytes(llm, lora_r, n, (T1, T2))
+        slope[n] = (b - a) / (T2 - T1)
+    return slope[2] - slope[1], 2 * slope[1] - slope[2]
+
+
+def stage2_memory(counts, trainable, llm, per_layer, outside, b, T, K, checkpointing):
+    """GB a GPU holds in stage 2 under plain DDP (every GPU a whole replica), by part:
+      weights      bf16 tower and LLM, 2 bytes a parameter
+      optimizer    what trains, in fp32: weight, gradient, AdamW's two moments, DDP's gradient bucket; and the
+                   bf16 copy autocast makes of it for the forward and keeps for backward: 22 bytes a parameter
+      activations  b T (L per_layer + outside) bytes; with gradient checkpointing b T (L 2 d + per_layer + outside):
+                   each layer's bf16 input, and one layer's activations recomputed at a time
+      head         the LM head on K positions: bf16 logits, their fp32 copy and the log-softmax cross-entropy keeps
+                   (2 + 4 + 4 bytes a logit)"""
+    L, d, V = llm["num_hidden_layers"], llm["hidden_size"], llm["vocab_size"]
+    layers = L * 2 * d + per_layer if checkpointing else L * per_layer
+    parts = dict(weights=2 * (counts["tower"] + counts["llm"]), optimizer=22 * trainable,
+                 activations=b * T * (layers + outside), head=10 * b * K * V)
+    return {k: v / 1e9 for k, v in parts.items()} | dict(total=sum(parts.values()) / 1e9)
+
+
+def plan(cfg):
+    """LLaVA-1.5-7B's stage 2 on paper, for linear (576 visual tokens) and avgpool (144). -> dict, printed."""
+    from projectors import build_projector
+    tower, lm, counts = meta_models(lora_r=cfg.plan_lora_r)
+    vision, llm = CLIPVisionConfig(**CLIP_L_336), LlamaConfig(**VICUNA_7B)
+    N, d_v, d = (336 // 14) ** 2, CLIP_L_336["hidden_size"], VICUNA_7B["hidden_size"]
+    with torch.device("meta"):
+        projector = {name: sum(p.numel() for p in build_projector(name, d_v, d, N, M).parameters())
+                     for name, M in PAPER_M.items()}
+    text = cfg.plan_text_tokens
+    per_layer, outside = activation_bytes(VICUNA_7B, cfg.plan_lora_r)
+    rows, memory = [], []
+    for name in ("linear", "avgpool"):
+        M = PAPER_M[name]
+        image = train_step_flops(vision, llm, M, 1, text + M, text, cfg.plan_lora_r, name)
+        text_only = train_step_flops(vision, llm, M, 1, text, text, cfg.plan_lora_r, name)
+        text_only = text_only["llm_forward"] + text_only["llm_backward"]
+        total = LLAVA_665K["image"] * image["total"] + LLAVA_665K["text"] * text_only
+        hours = total / (8 * PEAK_BF16_TFLOPS[cfg.plan_gpu] * 1e12 * cfg.plan_mfu) / 3600
+        rows.append(dict(projector=name, M=M, sample_tflop=image["total"] / 1e12, epoch_pflop=total / 1e15,
+                         hours=hours))
+        trainable = projector[name] + counts["lora"]
+        for b in (1, 2, 4, 8, 16, 32):
+            for ckpt in (False, True):
+                gb = stage2_memory(counts, trainable, VICUNA_7B, per_layer, outside, b, text + M, text, ckpt)
+                memory.append(dict(projector=name, micro_batch=b, checkpointing=ckpt, **gb,
+                                   fits=gb["total"] <= cfg.plan_gpu_gb))
+    rows.append(dict(projector="avgpool / linear", sample_tflop=rows[1]["sample_tflop"] / rows[0]["sample_tflop"],
+                     epoch_pflop=rows[1]["epoch_pflop"] / rows[0]["epoch_pflop"],
+                     hours=rows[1]["hours"] / rows[0]["hours"]))
+    return dict(counts=counts, projector=projector, per_layer_bytes_per_token=per_layer,
+                outside_bytes_per_token=outside, flops=rows, memory=memory)
+
+
+def check_micro_batch(result, b, gpu_gb):
+    """A micro-batch that fits no way (linear, with gradient checkpointing) stops with the largest that does."""
+    need = {r["micro_batch"]: r["total"] for r in result["memory"] if r["projector"] == "linear" and r["checkpointing"]}
+    if b not in need:
+        raise SystemExit(f"--plan_micro_batch_size {b}: the plan has micro-batches {', '.join(map(str, need))}")
+    if need[b] > gpu_gb:
+        fits = [k for k, v in need.items() if v <= gpu_gb]
+        raise SystemExit(f"--plan_micro_batch_size {b}: linear's stage 2 needs {need[b]:.0f} GB a GPU even with "
+                         f"gradient checkpointing, over {gpu_gb} GB; use {max(fits) if fits else 'a larger GPU'}")
+
+
+# -----------------------------------------------------------------------------
 
 
 def table(rows, cols):
@@ -324,7 +526,8 @@ def table(rows, cols):
 
 
 PROJECTOR_COLS = [("projector", "{}"), ("visual_tokens", "{}"), ("trainable_params", "{:,}"), ("step_s", "{:.3f}"),
-                  ("samples_per_s", "{:.1f}"), ("ckpt_over_step", "{:.2f}x"), ("generate_tokens_per_s_cache", "{:.0f}"),
+                  ("samples_per_s", "{:.1f}"), ("achieved_tflops", "{:.3f}"), ("mfu", "{:.1%}"),
+                  ("ckpt_over_step", "{:.2f}x"), ("generate_tokens_per_s_cache", "{:.0f}"),
                   ("cache_speedup", "{:.1f}x"), ("forward_backward_s", "{:.3f}"), ("rgae_s", "{:.3f}"),
                   ("rgae_over_fb", "{:.1f}x"), ("rgae_batched_s", "{:.3f}"), ("rgae_batched_over_fb", "{:.1f}x"),
                   ("hf_llava_step_s", "{:.3f}"), ("ours_over_hf", "{:.2f}x"),
@@ -333,9 +536,47 @@ LOADER_COLS = [("num_workers", "{}"), ("pin_memory", "{}"), ("samples", "{}"), (
                ("samples_per_s", "{:.0f}")]
 
 
+def print_plan(result, cfg):
+    c = result["counts"]
+    print(f"LLM {c['llm']:,} parameters (published {PUBLISHED_PARAMS['llm'] / 1e9:.2f}B), tower {c['tower']:,} "
+          f"(published {PUBLISHED_PARAMS['tower'] / 1e6:.0f}M), LoRA r {cfg.plan_lora_r} {c['lora']:,}")
+    print(table([dict(projector=k, stage1=v, stage2=v + c["lora"]) for k, v in result["projector"].items()],
+                [("projector", "{}"), ("stage1", "{:,}"), ("stage2", "{:,}")]))
+    print(f"activations kept for backward: {result['per_layer_bytes_per_token'] / 1e3:.1f} kB a token and layer, "
+          f"{result['outside_bytes_per_token'] / 1e3:.1f} kB a token outside the layers (bf16, measured)")
+    print(table(result["flops"], [("projector", "{}"), ("M", "{}"), ("sample_tflop", "{:.2f}"),
+                                  ("epoch_pflop", "{:,.2f}"), ("hours", "{:.2f}")]))
+    print(f"hours: stage 2 over LLaVA-665K on 8 {cfg.plan_gpu} at {cfg.plan_mfu:.0%} MFU "
+          f"(LLaVA's README: about {LLAVA_STAGE2_HOURS} hours for LLaVA-v1.5-7B, full fine-tuning, 8 A100)")
+    rows = {}
+    for r in result["memory"]:
+        row = rows.setdefault((r["projector"], r["micro_batch"]), dict(projector=r["projector"],
+                                                                        micro_batch=r["micro_batch"],
+                                                                        weights=r["weights"],
+                                                                        optimizer=r["optimizer"], head=r["head"]))
+        key = "checkpointing" if r["checkpointing"] else "plain"
+        row[key + "_activations"], row[key] = r["activations"], f"{r['total']:.1f}" + ("" if r["fits"] else " (no)")
+    print(table(rows.values(), [("projector", "{}"), ("micro_batch", "{}"), ("weights", "{:.1f}"),
+                                ("optimizer", "{:.1f}"), ("head", "{:.1f}"), ("plain_activations", "{:.1f}"),
+                                ("plain", "{}"), ("checkpointing_activations", "{:.1f}"),
+                                ("checkpointing", "{}")]))
+    print(f"GB a GPU in stage 2, plain DDP; (no): over {cfg.plan_gpu_gb:g} GB")
+
+
 def main(argv):
     cfg, _ = parse_args(BenchConfig, argv)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if cfg.plan:
+        if cfg.plan_gpu not in PEAK_BF16_TFLOPS:
+            raise SystemExit(f"--plan_gpu must be one of {', '.join(PEAK_BF16_TFLOPS)}, got {cfg.plan_gpu!r}")
+        result = plan(cfg)
+        print_plan(result, cfg)
+        if cfg.plan_micro_batch_size:
+            check_micro_batch(result, cfg.plan_micro_batch_size, cfg.plan_gpu_gb)
+        with open(cfg.out, "w") as f:
+            json.dump(dict(config=dataclasses.asdict(cfg), **result), f, indent=2)
+        print(f"wrote {cfg.out}")
+        return
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows, loader, sampler = [], None, None
     with tempfile.TemporaryDirectory() as root:

@@ -753,10 +753,12 @@ def test_onestage_uses_and_saves_prism_weight_decay(world, tmp_path):
         assert saved["weight_decay"] == wd and saved["stage"] == "finetune"
 
 
-def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, dtype):
     """Both stages; a crash in stage 2 as step 6 is being saved (the last checkpoint is step 4), then --resume:
-    the same final weights, and the log holds each step once."""
-    extra = ("--epochs=2", "--save_every=2", "--lora_dropout=0.1")  # dropout: the RNG state must come back too
+    the same final weights, and the log holds each step once. Under bf16 too: the fp32 master weights and optimizer
+    state come back, and the bf16 frozen halves are rebuilt the same."""
+    extra = ("--epochs=2", "--save_every=2", "--lora_dropout=0.1", f"--dtype={dtype}")  # dropout: RNG state too
     train.main(train_args(world, tmp_path / "straight", *extra))
 
     save = train.save_checkpoint
@@ -776,6 +778,51 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_log(tmp_path / "resumed" / "log.jsonl") if r["stage"] == "finetune"]
     assert steps == list(range(1, 9))  # steps 5 and 6 were logged before the crash, and once more after it
+
+
+def test_bf16_keeps_what_trains_in_fp32(world):
+    """--dtype bfloat16: the frozen tower and LLM are stored in bf16; the projector and LoRA's A and B, which the
+    optimizer updates, stay fp32 (the master weights), for every projector."""
+    for name in ("avgpool", "qformer", "cabstractor", "dabstractor"):
+        model, _, _ = M.build_model(world["vision"], world["llm"], name, 4, lora_r=4, dtype=torch.bfloat16)
+        params = dict(model.named_parameters())
+        trainable = {k for k, p in params.items() if p.requires_grad}
+        assert trainable == {k for k in params if k.startswith("projector.") or ".lora_" in k}
+        assert any(".lora_A." in k for k in trainable)
+        assert all(params[k].dtype == (torch.float32 if k in trainable else torch.bfloat16) for k in params)
+
+
+def test_bf16_training_follows_fp32(world, tmp_path):
+    """Both stages a few steps under bf16 on the CPU (bf16 frozen halves, autocast) and under fp32, from the same
+    seed: finite losses within 1% of each other (bf16 keeps 8 bits of mantissa, rounding each product by up to 0.4%;
+    the fp32 master weights keep the rounding from adding up over the steps), and an optimizer state kept in fp32."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        train.main(train_args(world, tmp_path / dtype, "--lora_dropout=0", f"--dtype={dtype}"))
+        logs = read_log(tmp_path / dtype / "pretrain" / "log.jsonl") + read_log(tmp_path / dtype / "log.jsonl")
+        losses[dtype] = [r["loss"] for r in logs]
+        assert json.load(open(tmp_path / dtype / "ckpt" / "config.json"))["dtype"] == dtype
+    assert len(losses["bfloat16"]) == len(losses["float32"]) == 8 and all(map(math.isfinite, losses["bfloat16"]))
+    for a, b in zip(losses["float32"], losses["bfloat16"]):
+        assert abs(a - b) < 0.01 * a
+    assert losses["float32"] != losses["bfloat16"]  # bf16 did run: its rounding shows
+    state = torch.load(tmp_path / "bfloat16" / "ckpt" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert {v.dtype for s in state.values() for k, v in s.items() if k != "step"} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype,message", [
+    ("float16", "--dtype float16 needs a loss scaler, which this loop does not have; use --dtype bfloat16"),
+    ("fp8", "--dtype must be bfloat16, float32 or auto, got 'fp8'"),
+])
+def test_dtype_refused(world, tmp_path, dtype, message):
+    with pytest.raises(SystemExit, match="^" + re.escape(message) + "$"):
+        train.main(train_args(world, tmp_path, f"--dtype={dtype}"))
+
+
+def test_bf16_refused_where_unsupported(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit, match="^--dtype bfloat16: this CPU has no bf16 support; use --dtype float32$"):
+        train.main(train_args(world, tmp_path, "--dtype=bfloat16"))
 
 
 def test_ddp_two_processes_equal_one_with_accumulation(world, tmp_path):
@@ -801,7 +848,8 @@ def test_checkpoint_of_another_projector_is_refused(world, tmp_path):
                               f"--pretrained_projector={tmp_path / 'ckpt'}"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch, dtype):
     forward, calls = M.MLLM.forward, []
 
     def nan_on_step_3(self, *args):  # micro-batch 5 = the first of step 3 (2 micro-batches per step)
@@ -810,7 +858,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
         return (loss * float("nan") if len(calls) == 5 else loss), logits
     monkeypatch.setattr(M.MLLM, "forward", nan_on_step_3)
     with pytest.raises(RuntimeError, match="loss is nan at step 3"):
-        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2"))
+        train.main(train_args(world, tmp_path, "--stage=pretrain", "--epochs=2", "--save_every=2", f"--dtype={dtype}"))
     assert train.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
     assert state["step"] == 2
@@ -2069,6 +2117,73 @@ def test_bench_feeds_transformers_llava_our_batch(tmp_path):
     loss = theirs(input_ids=expanded, attention_mask=torch.ones_like(expanded), labels=bench.expand_image(ids, N, X),
                   pixel_values=pixels).loss
     torch.testing.assert_close(mine, loss)
+
+
+@pytest.mark.parametrize("projector,lora_r", [("avgpool", 0), ("avgpool", 4), ("linear", 4)])
+def test_train_step_flops_match_torch_flop_counter(tmp_path, projector, lora_r):
+    """bench.train_step_flops, written from the configs, against torch.utils.flop_counter counting what one training
+    step (forward and backward) of the built model actually runs: stage 1 (no LoRA) and stage 2, pooled and not.
+    Eager attention: the counter sees its two products, where the CPU's fused SDPA kernel has no FLOP formula."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    vision, llm = tiny_vision_config(image_size=32, patch_size=4), tiny_llama_config(vocab_size=300)
+    CLIPVisionModel(vision).save_pretrained(tmp_path / "vision")
+    LlamaForCausalLM(llm).save_pretrained(tmp_path / "llm")
+    word_tokenizer().save_pretrained(tmp_path / "llm")
+    clip_processor(32).save_pretrained(tmp_path / "vision")
+    model = M.build_model(str(tmp_path / "vision"), str(tmp_path / "llm"), projector, 0, lora_r, 2 * lora_r,
+                          attn_implementation="eager")[0]
+    model.vision_tower.set_attn_implementation("eager")
+    model.train()
+    B, text = 3, 20
+    ids = torch.randint(1, 300, (B, text))
+    ids[:, 1] = M.IMAGE_TOKEN_INDEX
+    labels = ids.clone()
+    labels[:, :6] = X  # the prompt; the answer is the last 14 tokens
+    M_tokens = model.num_visual_tokens
+    with FlopCounterMode(display=False) as counter:
+        loss = model(ids, torch.ones_like(ids), labels, torch.randn(B, 3, 32, 32))[0]
+        loss.backward()
+    T = text - 1 + M_tokens
+    K = text - 6  # positions whose next token is supervised: the last prompt token's and the answer's but the last
+    counted = bench.train_step_flops(vision, llm, M_tokens, B, T, K, lora_r, projector)
+    assert counted["total"] == counter.get_total_flops()  # to the FLOP: the formula leaves no product out
+
+
+def test_activation_bytes_extrapolate_in_layers_tokens_and_batch():
+    """stage2_memory's activations, b T (L per_layer + outside) plus autocast's bf16 copy of the LoRA weights, from
+    the slopes measured at 1 and 2 layers and 1 sample, against the bytes autograd keeps in a 4-layer forward of 3
+    samples of another length."""
+    import bench
+    llm = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=8, max_position_embeddings=256)
+    per_layer, outside = bench.activation_bytes(llm, lora_r=4)
+    measured = bench.saved_bytes(llm, 4, 4, [48], batch=3)[0]
+    lora = 4 * 4 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 3 * (64 + 160))  # L r (in + out) over q k v o gate up down
+    assert measured == pytest.approx(3 * 48 * (4 * per_layer + outside) + 2 * lora, rel=0.01)
+
+
+def test_plan_7b_counts_and_memory(tmp_path):
+    """bench.py --plan: LLaVA-1.5-7B's published sizes from shapes on the meta device, LoRA r 128 counted by hand,
+    every memory row the sum of its parts, and a micro-batch that cannot fit refused with the one that does."""
+    import bench
+    bench.main(["--plan", "--out", str(tmp_path / "plan.json")])
+    result = json.load(open(tmp_path / "plan.json"))
+    c = result["counts"]
+    assert c["llm"] == pytest.approx(6.74e9, rel=1e-3) and c["tower"] == pytest.approx(304e6, rel=2e-3)
+    assert c["lora"] == 32 * 128 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    for r in result["memory"]:
+        assert r["total"] == pytest.approx(r["weights"] + r["optimizer"] + r["activations"] + r["head"])
+        assert r["fits"] == (r["total"] <= 80)
+    plain = {(r["projector"], r["micro_batch"]): r["total"] for r in result["memory"] if not r["checkpointing"]}
+    ckpt = {(r["projector"], r["micro_batch"]): r["total"] for r in result["memory"] if r["checkpointing"]}
+    assert all(ckpt[k] < plain[k] for k in plain) and all(plain["avgpool", b] < plain["linear", b] for b in (1, 8))
+    linear, avgpool, ratio = result["flops"]
+    assert ratio["sample_tflop"] == pytest.approx(avgpool["sample_tflop"] / linear["sample_tflop"])
+    with pytest.raises(SystemExit, match=r"^--plan_micro_batch_size 32: linear's stage 2 needs 4\d GB a GPU even with "
+                                         r"gradient checkpointing, over 40 GB; use 16$"):
+        bench.main(["--plan", "--plan_gpu_gb", "40", "--plan_micro_batch_size", "32", "--out", str(tmp_path / "p")])
 
 
 # =============================================================================

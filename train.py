@@ -72,6 +72,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     group_by_modality: bool = False  # LLaVA's group_by_modality_length: each micro-batch all-image or all-text
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory for 7B
+    dtype: str = "auto"  # of the frozen tower and LLM, and of autocast: bfloat16 | float32 | auto (bf16 on CUDA)
     # run
     out_dir: str = ""  # "" = out/<projector>
     save_every: int = 500  # optimizer steps between checkpoints
@@ -79,6 +80,21 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     evaluate: bool = True  # shapes world: score the held-out questions at the end
+
+
+def resolve_dtype(name, device):
+    """--dtype -> "bfloat16" or "float32". Under bf16 the frozen halves are stored in bf16 and the forward runs under
+    autocast, while what trains (projector, LoRA) and its optimizer state stay fp32, the master weights."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    if name == "float16":
+        raise SystemExit("--dtype float16 needs a loss scaler, which this loop does not have; use --dtype bfloat16")
+    if name not in ("bfloat16", "float32"):
+        raise SystemExit(f"--dtype must be bfloat16, float32 or auto, got {name!r}")
+    if name == "bfloat16" and not (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                                   else torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        raise SystemExit(f"--dtype bfloat16: this {device.type.upper()} has no bf16 support; use --dtype float32")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +216,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
     """Train one stage into run_dir; returns the (unwrapped) model."""
     torch.manual_seed(cfg.seed)
     lora_r = 0 if stage == "pretrain" else cfg.lora_r
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, cfg.dtype)
     model, tokenizer, processor = build_model(cfg.vision_tower, cfg.llm, cfg.projector, cfg.num_tokens, lora_r,
                                               cfg.lora_alpha, cfg.lora_dropout, dtype=dtype,
                                               **parse_projector_options(cfg.projector_options))
@@ -270,7 +286,7 @@ def train_stage(cfg, stage, run_dir, rank, world, device):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if dist.is_initialized():
                 ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
                 loss = ddp_model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  batch["pixel_values"])[0]
             (loss * weight / accum).backward()
@@ -352,6 +368,7 @@ def main(argv):
     if cfg.stage == "onestage" and "weight_decay" not in given:
         cfg.weight_decay = 0.1  # PRISM's recipe for one stage (paper Table 3); in the config, so it is saved
     rank, world, device = setup_distributed()
+    cfg.dtype = resolve_dtype(cfg.dtype, device)
     on_shapes = not cfg.data_path and not cfg.finetune_data_path
     if on_shapes:
         shapes.apply_recipe(cfg, given)
