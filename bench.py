@@ -74,6 +74,12 @@ class BenchConfig:
     plan_gpu_gb: float = 80
     plan_mfu: float = 0.4
     plan_micro_batch_size: int = 0  # check one micro-batch against the GPU's memory; 0 = the table alone
+    suite: str = ""  # "cuda": everything a lent GPU should measure, in one call (see suite)
+    suite_dir: str = "suite"
+    suite_model: str = "7b"  # 7b | tiny: the shapes of large_step's model
+    suite_micro_batch_size: int = 4
+    suite_train_args: str = ""  # added to the shapes run's command
+    suite_bench_args: str = "--config realistic"  # bench.py's rows of the suite
 
 
 def save_models(cfg, root):
@@ -154,7 +160,7 @@ def bench_projector(cfg, root, name, device):
     if cfg.gradient_checkpointing:
         model.llm.activation_checkpointing_enable()  # non-reentrant by default
         ckpt_s, ckpt_peak = step_time(lambda: model(**batch)[0], trainable, cfg, device)
-        model.llm.gradient_checkpointing_disable()
+        model.llm.activation_checkpointing_disable()
         checkpointing = dict(ckpt_step_s=ckpt_s, ckpt_over_step=ckpt_s / step_s, ckpt_peak_gib=ckpt_peak)
 
     model.eval()
@@ -515,6 +521,76 @@ def check_micro_batch(result, b, gpu_gb):
 
 
 # -----------------------------------------------------------------------------
+# --suite cuda: what a lent GPU should measure, in one call (CI runs the same code on the CPU at tiny sizes)
+
+
+def large_step(cfg, projector, device, checkpointing):
+    """One stage-2 step (LoRA, bf16 on CUDA) of LLaVA-1.5-7B's shapes (--suite_model 7b) or the tiny stand-ins'
+    ("tiny"), random weights built on the device: step time, tokens/s, peak memory, MFU."""
+    from projectors import build_projector
+    from model import MLLM, add_lora, default_num_tokens
+    vision, llm = (CLIP_L_336, VICUNA_7B) if cfg.suite_model == "7b" else (TINY_VISION, dict(TINY_LLM, vocab_size=1024))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):  # initialised where they run: a 7B never passes through host memory
+        tower, lm = CLIPVisionModel(CLIPVisionConfig(**vision)), LlamaForCausalLM(LlamaConfig(**llm))
+    tower, lm = (m.to(dtype).requires_grad_(False) for m in (tower, lm))
+    N = (vision["image_size"] // vision["patch_size"]) ** 2
+    M = default_num_tokens(projector, N)
+    proj = build_projector(projector, vision["hidden_size"], llm["hidden_size"], N, M).to(device)
+    model = MLLM(tower, proj, add_lora(lm, cfg.plan_lora_r, 2 * cfg.plan_lora_r, 0.0), M, True, projector).train()
+    if checkpointing:
+        model.llm.activation_checkpointing_enable()
+    b, text = cfg.suite_micro_batch_size, cfg.plan_text_tokens if cfg.suite_model == "7b" else cfg.text_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, llm["vocab_size"], (b, text), generator=g)
+    ids[:, 1] = IMAGE_TOKEN_INDEX
+    batch = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                 labels=ids.clamp(min=0).to(device),
+                 pixel_values=torch.randn(b, 3, vision["image_size"], vision["image_size"], generator=g).to(device))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seconds, peak = step_time(lambda: model(**batch)[0], trainable, cfg, device)
+    flops, peak_flops = step_flops(model, batch, cfg.plan_lora_r), peak_tflops(device)
+    return dict(model=cfg.suite_model, projector=projector, micro_batch=b, tokens=b * (text - 1 + M),
+                checkpointing=checkpointing, step_s=seconds, tokens_per_s=b * (text - 1 + M) / seconds,
+                peak_gib=peak, tflop=flops / 1e12, mfu=flops / seconds / (peak_flops * 1e12) if peak_flops else None)
+
+
+def suite(cfg, device):
+    """The default shapes run under torchrun (bf16), bench.py's rows at --suite_bench_args, and large_step for linear
+    and avgpool with and without gradient checkpointing; a JSON file and a log in --suite_dir."""
+    import shlex
+    import subprocess
+    os.makedirs(cfg.suite_dir, exist_ok=True)
+    out = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__)
+    t = time.time()
+    run_dir = os.path.join(cfg.suite_dir, "shapes")
+    command = ["torchrun", "--standalone", "--nproc_per_node=1", "train.py", "--projector", "avgpool", "--dtype",
+               "bfloat16", "--out_dir", run_dir, *shlex.split(cfg.suite_train_args)]
+    with open(os.path.join(cfg.suite_dir, "shapes.log"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    stages = {}
+    for name, path in (("pretrain", os.path.join(run_dir, "pretrain", "log.jsonl")),
+                       ("finetune", os.path.join(run_dir, "log.jsonl"))):
+        if os.path.isfile(path):
+            with open(path) as f:
+                stages[name + "_s"] = [json.loads(line) for line in f][-1]["time"]
+    scores = os.path.join(run_dir, "eval.json")
+    out["shapes"] = dict(wall_s=time.time() - t, **stages,
+                         eval=json.load(open(scores)) if os.path.isfile(scores) else None)
+    bench_json = os.path.join(cfg.suite_dir, "bench.json")
+    main([*shlex.split(cfg.suite_bench_args), "--out", bench_json])
+    out["bench"] = json.load(open(bench_json))["rows"]
+    out["large"] = [large_step(cfg, p, device, c) for p in ("linear", "avgpool") for c in (False, True)]
+    print(table(out["large"], [("model", "{}"), ("projector", "{}"), ("micro_batch", "{}"), ("checkpointing", "{}"),
+                               ("step_s", "{:.3f}"), ("tokens_per_s", "{:,.0f}"), ("peak_gib", "{:.1f}"),
+                               ("tflop", "{:.2f}"), ("mfu", "{:.1%}")]))
+    with open(os.path.join(cfg.suite_dir, "suite.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {os.path.join(cfg.suite_dir, 'suite.json')}")
+    return out
+
+
+# -----------------------------------------------------------------------------
 
 
 def table(rows, cols):
@@ -566,6 +642,12 @@ def print_plan(result, cfg):
 def main(argv):
     cfg, _ = parse_args(BenchConfig, argv)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if cfg.suite:
+        if cfg.suite != "cuda" or cfg.suite_model not in ("7b", "tiny"):
+            raise SystemExit(f"--suite takes cuda and --suite_model 7b or tiny, got {cfg.suite!r} and "
+                             f"{cfg.suite_model!r}")
+        suite(cfg, torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return
     if cfg.plan:
         if cfg.plan_gpu not in PEAK_BF16_TFLOPS:
             raise SystemExit(f"--plan_gpu must be one of {', '.join(PEAK_BF16_TFLOPS)}, got {cfg.plan_gpu!r}")

@@ -2186,6 +2186,26 @@ def test_plan_7b_counts_and_memory(tmp_path):
         bench.main(["--plan", "--plan_gpu_gb", "40", "--plan_micro_batch_size", "32", "--out", str(tmp_path / "p")])
 
 
+def test_cuda_suite_dry_run_on_cpu(world, tmp_path):
+    """bench.py --suite cuda on the CPU at tiny sizes, as CI runs it: the shapes run under torchrun in bf16 (on the
+    tiny world's files), bench's rows, and the large step for linear and avgpool with and without checkpointing,
+    all written to one JSON. Every path the GPU call takes runs here but the CUDA calls themselves."""
+    import bench
+    tiny_world = " ".join(a for a in train_args(world, tmp_path / "unused") if not a.startswith("--out_dir"))
+    bench.main(["--suite", "cuda", "--suite_model", "tiny", "--suite_dir", str(tmp_path / "suite"), "--device", "cpu",
+                "--steps", "1", "--warmup", "0", "--suite_train_args=" + tiny_world + " --epochs 1",
+                "--text_tokens", "16", "--suite_micro_batch_size", "2",
+                "--suite_bench_args=--config tiny --steps 1 --warmup 0 --data false --projectors linear "
+                "--batch_size 2 --text_tokens 20 --new_tokens 4 --answer_tokens 2"])  # prompts of 16, answers of 2
+    out = json.load(open(tmp_path / "suite" / "suite.json"))
+    assert out["shapes"]["pretrain_s"] > 0 and out["shapes"]["finetune_s"] > 0
+    assert json.load(open(tmp_path / "suite" / "shapes" / "ckpt" / "config.json"))["dtype"] == "bfloat16"
+    assert [r["projector"] for r in out["bench"]] == ["linear"] and "hf_llava_step_s" in out["bench"][0]
+    assert [(r["projector"], r["checkpointing"]) for r in out["large"]] == [
+        ("linear", False), ("linear", True), ("avgpool", False), ("avgpool", True)]
+    assert all(r["step_s"] > 0 and r["tflop"] > 0 and r["mfu"] is None for r in out["large"])  # no peak off CUDA
+
+
 # =============================================================================
 # experiments.py: the paper's tables and figures over run folders
 
