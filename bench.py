@@ -3,6 +3,8 @@ Speed and memory, measured here and never asserted in tests. Random models built
 
     python bench.py                       # the shapes world's tiny models, every projector
     python bench.py --config realistic    # a 1024-wide tower with 576 patches into a small LLM
+    python bench.py --plan                # LLaVA-1.5-7B's stage 2 on paper: counts, FLOPs, memory, hours
+    python bench.py --suite cuda          # everything a lent GPU should measure, in one call
 
 For each projector: trainable parameters, visual tokens M, the median time of a stage-2 training step (forward,
 backward, AdamW) after warm-up, samples/s, peak memory (CUDA), the same step with gradient checkpointing in the LLM,
@@ -17,7 +19,9 @@ Prints tables and writes bench.json.
 import dataclasses
 import json
 import os
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,13 +29,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from peft import LoraConfig, get_peft_model
 from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration)
 
 import rgae
 from config import parse_args
 from data import IGNORE_INDEX, LlavaDataset, collate, read_records, tokenize_conversation
-from model import IMAGE_TOKEN_INDEX, build_model
+from model import IMAGE_TOKEN_INDEX, MLLM, add_lora, build_model, default_num_tokens
+from projectors import build_projector
 from shapes import RECIPE, STAND_INS, TINY_LLM, TINY_VISION, WORLD_VERSION, build_shapes_world
 from train import full_micro_batches, micro_batches
 
@@ -276,7 +282,6 @@ def expand_image(ids, n, fill):
 def build_hf_llava(cfg, root, dtype):
     """LlavaForConditionalGeneration from the saved configs, trainable like build_model's: frozen tower, projector
     in fp32, LoRA through peft on every Linear of the LLM (so not lm_head, the tower's or the projector's)."""
-    from peft import LoraConfig, get_peft_model
     config = LlavaConfig(vision_config=CLIPVisionConfig.from_pretrained(os.path.join(root, "vision")),
                          text_config=LlamaConfig.from_pretrained(os.path.join(root, "llm")),
                          image_token_index=HF_IMAGE_TOKEN, vision_feature_layer=-2,
@@ -413,7 +418,6 @@ PAPER_M = dict(linear=576, avgpool=144, maxpool=144, qformer=144, cabstractor=14
 
 def meta_models(vision=CLIP_L_336, llm=VICUNA_7B, lora_r=128):
     """The tower and the LoRA'd LLM with every tensor on the meta device: shapes and counts, no memory."""
-    from peft import LoraConfig, get_peft_model
     with torch.device("meta"):
         tower = CLIPVisionModel(CLIPVisionConfig(**vision))
         lm = LlamaForCausalLM(LlamaConfig(**llm))
@@ -429,7 +433,6 @@ def saved_bytes(llm, lora_r, layers, lengths, batch=1):
     `lengths`, through a Llama of `layers` layers at `llm`'s width: bf16 under autocast, LoRA on every Linear, the LM
     head on one position. Counted with saved_tensors_hooks, each storage once, the frozen weights left out (they are
     held anyway). The weights are left uninitialised: what is kept depends on the shapes alone."""
-    from peft import LoraConfig, get_peft_model
     with torch.device("meta"):  # the vocabulary cut to 8: embeddings are not read, the head sees one position
         lm = LlamaForCausalLM(LlamaConfig(**dict(llm, num_hidden_layers=layers, vocab_size=8)))
     lm = lm.to(torch.bfloat16).to_empty(device="cpu").requires_grad_(False)
@@ -477,7 +480,6 @@ def stage2_memory(counts, trainable, llm, per_layer, outside, b, T, K, checkpoin
 
 def plan(cfg):
     """LLaVA-1.5-7B's stage 2 on paper, for linear (576 visual tokens) and avgpool (144). -> dict, printed."""
-    from projectors import build_projector
     tower, lm, counts = meta_models(lora_r=cfg.plan_lora_r)
     vision, llm = CLIPVisionConfig(**CLIP_L_336), LlamaConfig(**VICUNA_7B)
     N, d_v, d = (336 // 14) ** 2, CLIP_L_336["hidden_size"], VICUNA_7B["hidden_size"]
@@ -527,8 +529,6 @@ def check_micro_batch(result, b, gpu_gb):
 def large_step(cfg, projector, device, checkpointing):
     """One stage-2 step (LoRA, bf16 on CUDA) of LLaVA-1.5-7B's shapes (--suite_model 7b) or the tiny stand-ins'
     ("tiny"), random weights built on the device: step time, tokens/s, peak memory, MFU."""
-    from projectors import build_projector
-    from model import MLLM, add_lora, default_num_tokens
     vision, llm = (CLIP_L_336, VICUNA_7B) if cfg.suite_model == "7b" else (TINY_VISION, dict(TINY_LLM, vocab_size=1024))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):  # initialised where they run: a 7B never passes through host memory
@@ -558,14 +558,12 @@ def large_step(cfg, projector, device, checkpointing):
 def suite(cfg, device):
     """The default shapes run under torchrun (bf16), bench.py's rows at --suite_bench_args, and large_step for linear
     and avgpool with and without gradient checkpointing; a JSON file and a log in --suite_dir."""
-    import shlex
-    import subprocess
     os.makedirs(cfg.suite_dir, exist_ok=True)
     out = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__)
     t = time.time()
     run_dir = os.path.join(cfg.suite_dir, "shapes")
-    command = ["torchrun", "--standalone", "--nproc_per_node=1", "train.py", "--projector", "avgpool", "--dtype",
-               "bfloat16", "--out_dir", run_dir, *shlex.split(cfg.suite_train_args)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               "--projector", "avgpool", "--dtype", "bfloat16", "--out_dir", run_dir, *shlex.split(cfg.suite_train_args)]
     with open(os.path.join(cfg.suite_dir, "shapes.log"), "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     stages = {}
