@@ -48,7 +48,9 @@ class EvalConfig:
 # -----------------------------------------------------------------------------
 # scorers (LLaVA-1.5's evaluation: its scripts and the official VQA code)
 
-# The official VQA evaluation rules (GT-Vision-Lab vqaEval.py), rewritten.
+# The answer normalisation of the official VQA evaluation (GT-Vision-Lab/VQA
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py: processPunctuation, processDigitArticle), which the VQAv2 and VizWiz
+# servers score with; LLaVA's EvalAIAnswerProcessor (llava/eval/m4c_evaluator.py) repeats it after a step of its own.
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -63,33 +65,64 @@ there'd've there're there's they'd they'd've they'll they're they've 'twas wasn'
 what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't
 would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
 CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in CONTRACTED for i, c in enumerate(w) if c == "'"}
+CONTRACTIONS["somebody'd"] = "somebodyd"  # the official table holds this one too, the other way round
 
 
-def normalize_answer(s):
-    s = s.replace("\n", " ").replace("\t", " ").strip()
-    # a punctuation mark touching a space, or any digit comma ("1,000") in the answer, is deleted; otherwise it splits
-    delete = re.search(r"\d,\d", s) is not None
+def process_punctuation(s):
+    # a mark that touches a space in s, or any mark once s holds a digit comma ("1,000"), is deleted; any other mark
+    # becomes a space
+    digit_comma = re.search(r"\d,\d", s) is not None
+    out = s
     for p in PUNCT:
-        s = s.replace(p, "" if delete or p + " " in s or " " + p in s else " ")
-    s = re.sub(r"\.(?!\d)", "", s)  # periods go unless a digit follows ("3.5" keeps its point)
+        out = out.replace(p, "" if digit_comma or p + " " in s or " " + p in s else " ")
+    # a period goes unless a digit follows ("3.5"); vqaEval passes re.UNICODE (32) where sub takes its count, so at
+    # most 32 periods go
+    return re.sub(r"\.(?!\d)", "", out, count=32)
+
+
+def process_digit_article(s):
     words = [NUMBER_WORDS.get(w, w) for w in s.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
-def vqa_accuracy(pred, gt_answers):
-    """Mean over the leave-one-out subsets of the human answers of min(#matches / 3, 1); one answer: exact match."""
-    pred = normalize_answer(pred)
-    gts = [normalize_answer(a) for a in gt_answers]
-    if len(gts) == 1:
-        return float(pred == gts[0])
-    matches = sum(g == pred for g in gts)
-    # leaving out a matching answer leaves matches - 1 matches, leaving out any other leaves all of them
-    return sum(min((matches - (g == pred)) / 3, 1.0) for g in gts) / len(gts)
+def normalize_answer(s):
+    """vqaEval's normalisation of an answer (used where the human answers of a question differ)."""
+    return process_digit_article(process_punctuation(s.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def evalai_answer(s):
+    """LLaVA's EvalAIAnswerProcessor (llava/eval/m4c_evaluator.py): eval_textvqa.py applies it to the prediction
+    and the human answers, scripts/convert_{vqav2,vizwiz}_for_submission.py to the answers they submit."""
+    # its word_tokenize: every comma and "?" goes, a possessive splits off ("man's" -> "man 's")
+    return normalize_answer(s.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip())
+
+
+def leave_one_out(pred, humans):
+    """Mean over the humans of min(1, #other humans who gave pred / 3) (vqaEval.py, m4c_evaluator.py)."""
+    matches = sum(h == pred for h in humans)
+    return sum(min(1, (matches - (h == pred)) / 3) for h in humans) / len(humans)
+
+
+def textvqa_accuracy(pred, humans):
+    """LLaVA's eval_textvqa.py (TextVQAAccuracyEvaluator in m4c_evaluator.py)."""
+    return leave_one_out(evalai_answer(pred), [evalai_answer(h) for h in humans])
+
+
+def vqa_accuracy(pred, humans):
+    """What the VQAv2 and VizWiz servers (vqaEval.py) give the answer LLaVA submits, evalai_answer(pred).
+    One human answer (the shapes world): exact match after normalisation."""
+    if len(humans) == 1:
+        return float(normalize_answer(pred) == normalize_answer(humans[0]))
+    pred = evalai_answer(pred)
+    humans = [h.replace("\n", " ").replace("\t", " ").strip() for h in humans]
+    if len(set(humans)) > 1:  # vqaEval normalises only where the humans differ, else it compares the raw strings
+        pred, humans = normalize_answer(pred), [normalize_answer(h) for h in humans]
+    return leave_one_out(pred, humans)
 
 
 def parse_yes_no(text):
-    sentence = text.split(".")[0].replace(",", "")  # POPE (LLaVA eval_pope): first sentence only
-    words = sentence.split()
+    # LLaVA's llava/eval/eval_pope.py: the first sentence, commas dropped, words split at single spaces only
+    words = text.split(".")[0].replace(",", "").split(" ")
     return "no" if "No" in words or "no" in words or "not" in words else "yes"
 
 
@@ -111,6 +144,7 @@ def pope_metrics(preds, labels):
         tn += not pred_yes and not label_yes
         fn += not pred_yes and label_yes
     n = len(labels)
+    # eval_pope.py divides by zero where nothing is a true yes (no yes answered, or no yes label); 0 here
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -505,7 +539,7 @@ def score_pope(questions, answers, labels, cfg=None):
     return dict(scores, mean_f1=mean(s["f1"] for s in splits), mean_accuracy=mean(s["accuracy"] for s in splits))
 
 
-def vqa_scores(questions, preds, humans, key):
+def vqa_scores(questions, preds, humans, key, accuracy=vqa_accuracy):
     """VQA accuracy where the human answers of every question are known; of none: a test split, which
     only its server scores."""
     keys = [key(q) for q in questions]
@@ -515,7 +549,7 @@ def vqa_scores(questions, preds, humans, key):
     if not all(known):
         raise ValueError(f"{known.count(False)} of {len(keys)} questions have no human answers in the annotation "
                          f"file, e.g. {keys[known.index(False)]!r}")
-    return dict(n=len(keys), accuracy=mean(vqa_accuracy(p, humans[k]) for p, k in zip(preds, keys)))
+    return dict(n=len(keys), accuracy=mean(accuracy(p, humans[k]) for p, k in zip(preds, keys)))
 
 
 def score_vqav2(questions, answers, humans, cfg=None):
@@ -529,7 +563,7 @@ def score_vizwiz(questions, answers, humans, cfg=None):
 def score_textvqa(questions, answers, humans, cfg=None):
     # LLaVA's eval_textvqa: a question is its image and its first line, the question before the OCR tokens
     key = lambda q: (os.path.splitext(os.path.basename(q["image"]))[0], q["text"].split("\n")[0].lower())
-    return vqa_scores(questions, match(questions, answers), humans, key)
+    return vqa_scores(questions, match(questions, answers), humans, key, textvqa_accuracy)
 
 
 def truth_of(q, truth, where):
@@ -635,15 +669,17 @@ def score_refcoco(questions, answers, ann=None, cfg=None):
 
 def submit_vqav2(questions, answers, data_root):
     """EvalAI's format: [{question_id, answer}] over every test2015 question where LLaVA's
-    llava_vqav2_mscoco_test2015.jsonl is at hand (the server wants them all; the ones not asked get "")."""
-    given = {q["question_id"]: normalize_answer(p) for q, p in zip(questions, match(questions, answers))}
+    llava_vqav2_mscoco_test2015.jsonl is at hand (the server wants them all; the ones not asked get "").
+    The answers are EvalAIAnswerProcessor's, as LLaVA's scripts/convert_vqav2_for_submission.py writes them."""
+    given = {q["question_id"]: evalai_answer(p) for q, p in zip(questions, match(questions, answers))}
     full = os.path.join(data_root, "vqav2", "llava_vqav2_mscoco_test2015.jsonl")
     ids = [r["question_id"] for r in read_jsonl(full, ("question_id",))] if os.path.isfile(full) else list(given)
     return [dict(question_id=i, answer=given.get(i, "")) for i in ids]
 
 
 def submit_vizwiz(questions, answers, data_root):
-    return [dict(image=q["image"], answer=normalize_answer(p)) for q, p in zip(questions, match(questions, answers))]
+    # LLaVA's scripts/convert_vizwiz_for_submission.py
+    return [dict(image=q["image"], answer=evalai_answer(p)) for q, p in zip(questions, match(questions, answers))]
 
 
 # Paths are relative to data_root. annotations: read by `read`; optional where a `submit`ted test split goes to a

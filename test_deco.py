@@ -1055,6 +1055,16 @@ def test_normalize_answer(raw, expected):
     assert ev.normalize_answer(raw) == expected
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ("It's red.", "it 's red"),      # EvalAIAnswerProcessor splits a possessive off
+    ("red,white", "redwhite"),       # and drops every comma and "?" before vqaEval's rules
+    ("What?", "what"),
+    ("1,000", "1000"),
+])
+def test_evalai_answer(raw, expected):
+    assert ev.evalai_answer(raw) == expected
+
+
 def test_vqa_accuracy_leave_one_out():
     # k of 10 humans agree: leaving out one of the k leaves k-1 matches, leaving out one of the other 10-k leaves k.
     # k=2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6 (not min(2/3, 1) = 0.67)
@@ -1083,6 +1093,8 @@ def test_vqa_accuracy_single_answer_is_exact_match():
     ("Yes. But not a dog.", "yes"),  # only the first sentence counts
     ("no", "no"),
     ("Nothing", "yes"),              # "No" must be a word of its own
+    ("no\nthere is a dog", "yes"),   # eval_pope splits at single spaces: "no\nthere" is one word
+    ("There is\tno dog", "yes"),
 ])
 def test_parse_yes_no(text, expected):
     assert ev.parse_yes_no(text) == expected
@@ -1583,6 +1595,245 @@ def test_bench_missing_files_and_bad_records(tmp_path):
         bench_load(tmp_path, "pope")
     with pytest.raises(SystemExit, match="unknown --bench 'nope'"):
         bench_load(tmp_path, "nope")
+
+
+# ---- the official scorers, transcribed, against ours on generated messy answers
+
+# GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py (VQAEval), the code the VQAv2 and VizWiz servers
+# score with; haotian-liu/LLaVA llava/eval/m4c_evaluator.py (EvalAIAnswerProcessor) holds the same tables
+VQAEVAL_CONTRACTIONS = dict(pair.split("=") for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
+didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
+havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's Id've=I'd've
+I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am
+mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
+neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at
+shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
+shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've
+somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
+someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd
+somethingd've=something'd've something'dve=something'd've somethingll=something'll thats=that's thered=there'd
+thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've
+they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've
+we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's
+whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll
+whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
+wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
+y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll youre=you're
+youve=you've""".split())
+VQAEVAL_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                   "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+VQAEVAL_ARTICLES = ["a", "an", "the"]
+VQAEVAL_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                 "?", "!"]
+VQAEVAL_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+VQAEVAL_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+
+
+def vqaeval_punctuation(in_text, comma_strip=VQAEVAL_COMMA_STRIP):  # VQAEval.processPunctuation
+    out_text = in_text
+    for p in VQAEVAL_PUNCT:
+        if (p + " " in in_text or " " + p in in_text) or re.search(comma_strip, in_text) is not None:
+            out_text = out_text.replace(p, "")
+        else:
+            out_text = out_text.replace(p, " ")
+    return VQAEVAL_PERIOD_STRIP.sub("", out_text, re.UNICODE)  # as there: re.UNICODE lands on sub's count
+
+
+def vqaeval_digit_article(in_text):  # VQAEval.processDigitArticle
+    out_text = []
+    for word in in_text.lower().split():
+        word = VQAEVAL_NUMBERS.get(word, word)
+        if word not in VQAEVAL_ARTICLES:
+            out_text.append(word)
+    return " ".join(VQAEVAL_CONTRACTIONS.get(word, word) for word in out_text)
+
+
+def vqaeval_accuracy(res_ans, answers):
+    """VQAEval.evaluate for one question whose human answers carry distinct answer_ids, as VQAv2's do."""
+    clean = lambda s: s.replace("\n", " ").replace("\t", " ").strip()
+    gts = [dict(answer=clean(a), answer_id=i + 1) for i, a in enumerate(answers)]
+    res_ans = clean(res_ans)
+    if len(set(g["answer"] for g in gts)) > 1:
+        for g in gts:
+            g["answer"] = vqaeval_digit_article(vqaeval_punctuation(g["answer"]))
+        res_ans = vqaeval_digit_article(vqaeval_punctuation(res_ans))
+    gt_acc = []
+    for gt in gts:
+        other = [g for g in gts if g != gt]
+        gt_acc.append(min(1, float(len([g for g in other if g["answer"] == res_ans])) / 3))
+    return float(sum(gt_acc)) / len(gt_acc)
+
+
+# haotian-liu/LLaVA llava/eval/m4c_evaluator.py: EvalAIAnswerProcessor (which eval_textvqa.py applies to both sides
+# and scripts/convert_{vqav2,vizwiz}_for_submission.py to the answers they submit) and TextVQAAccuracyEvaluator
+EVALAI_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+
+
+def evalai_processor(item):  # EvalAIAnswerProcessor.__call__
+    item = item.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()  # word_tokenize
+    item = item.replace("\n", " ").replace("\t", " ").strip()
+    return vqaeval_digit_article(vqaeval_punctuation(item, EVALAI_COMMA_STRIP))
+
+
+def textvqa_evaluator(pred_answer, gt_answers):  # TextVQAAccuracyEvaluator, one question
+    answers = [evalai_processor(a) for a in gt_answers]
+    assert len(answers) == 10
+    gt = list(enumerate(answers))
+    scores = {}
+    for unique in set(answers):
+        accs = [min(1, float(len([o for o in gt if o != g and o[1] == unique])) / 3) for g in gt]
+        scores[unique] = sum(accs) / len(accs)
+    return scores.get(evalai_processor(pred_answer), 0.0)
+
+
+# haotian-liu/LLaVA llava/eval/eval_pope.py: eval_pope
+def pope_parse(text):
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
+
+
+def pope_official(texts, labels):
+    """eval_pope's metrics over answers and labels in the same order; ZeroDivisionError where it has one."""
+    preds = [0 if pope_parse(t) == "no" else 1 for t in texts]
+    labels = [0 if l == "no" else 1 for l in labels]
+    tp = sum(p == 1 and l == 1 for p, l in zip(preds, labels))
+    fp = sum(p == 1 and l == 0 for p, l in zip(preds, labels))
+    tn = sum(p == 0 and l == 0 for p, l in zip(preds, labels))
+    fn = sum(p == 0 and l == 1 for p, l in zip(preds, labels))
+    yes_ratio = preds.count(1) / len(preds)
+    precision = float(tp) / float(tp + fp)
+    recall = float(tp) / float(tp + fn)
+    f1 = 2 * precision * recall / (precision + recall)
+    return dict(accuracy=(tp + tn) / (tp + tn + fp + fn), precision=precision, recall=recall, f1=f1,
+                yes_ratio=yes_ratio)
+
+
+# ---- the generator: a few hundred messy answers per scorer, seeded
+
+MESSY_CORES = ["two", "2", "Two dogs", "one", "none", "ten", "10", "1,000", "1000", "1,2", "3.5", "3. 5", "$5.00",
+               "50%", "10:30", "it's", "its", "man's", "the man's hat", "dont", "don't", "isnt", "Let's go", "she's",
+               "somebody'd", "oclock", "y'all", "youre", "a dog", "an apple", "the red car", "red", "yes", "no",
+               "red, white and blue", "left-side", "t-shirt", "n/a", "e.g. a cat", "u.s.a.", '"stop"', "what?",
+               "x/-y-z", "a/b -c", "(A)", "A.", "B. circle", "#1", "well...", "tom's 2nd", "3 . 14"]
+PREFIXES = ["", "", "", "", "A. ", "(A) ", "The answer is ", "Answer: ", "It is ", "Yes, ", "No. "]
+SUFFIXES = ["", "", "", ".", "!", "?", "...", ",", " .", " !", ")", "\n", "\t", ". It is.", " (B)", "-"]
+
+
+def messy_variant(rng, core):
+    text = rng.choice(PREFIXES) + core + rng.choice(SUFFIXES)
+    case = rng.random()
+    text = text.upper() if case < 0.1 else text.title() if case < 0.2 else text.lower() if case < 0.3 else text
+    return rng.choice(["", "", " ", "\n", "\t"]) + text + rng.choice(["", "", " ", "\n"])
+
+
+def messy_answer(rng):
+    if rng.random() < 0.05:
+        return rng.choice(["", " ", "\n", "." * 40, "no " + "." * 35 + " 3.5"])
+    words = rng.sample(MESSY_CORES, rng.choice([1, 1, 1, 2]))
+    return messy_variant(rng, rng.choice([" ", "  ", "\n", "\t", " - ", ", "]).join(words))
+
+
+SPELLINGS = [  # spellings of one answer that one normalisation or another makes equal
+    ["red,white", "red white", "redwhite", "red, white"], ["man's hat", "man 's hat", "mans hat", "man s hat"],
+    ["what?the", "what the", "whatthe", "what? the"], ["1,000", "1000", "1 000", "1.000"], ["3.5", "3. 5", "35"],
+    ["two", "2", "Two.", "the two"], ["it's", "its", "it 's", "it is"], ["x/-y-z", "x y z", "x yz", "x-y-z"],
+    ["dont", "don't", "do not"], ["somebody'd", "somebodyd", "somebody d"], ["t-shirt", "t shirt", "tshirt"],
+    ["a/b -c", "a b c", "ab c", "a/b c"], ["10:30", "1030", "10 30"], ["u.s.a.", "usa", "u s a"]]
+
+
+def messy_questions(seed, n=400):
+    """(prediction, ten human answers) drawn from a few spellings of one answer, some dressed up, and a messy one."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        cores = rng.choice(SPELLINGS) + [messy_answer(rng)]
+        pool = [rng.choice(cores) if rng.random() < 0.6 else messy_variant(rng, rng.choice(cores))
+                for _ in range(rng.choice([1, 2, 4]))]
+        humans = [rng.choice(pool) for _ in range(10)]
+        out.append((rng.choice(pool + [messy_variant(rng, rng.choice(cores)), messy_answer(rng)]), humans))
+    return out
+
+
+def mismatches(pairs):
+    bad = [(i, ours, official) for i, (ours, official) in enumerate(pairs) if ours != official]
+    return f"{len(bad)} of {len(pairs)} differ, e.g. {bad[:3]}" if bad else ""
+
+
+def test_official_vqa_normalisation():
+    answers = [a for q in messy_questions(0) for a in [q[0]] + q[1]][:1000]
+    clean = lambda s: s.replace("\n", " ").replace("\t", " ").strip()
+    assert not mismatches([(ev.evalai_answer(a), evalai_processor(a)) for a in answers])
+    assert not mismatches([(ev.normalize_answer(a), vqaeval_digit_article(vqaeval_punctuation(clean(a))))
+                           for a in answers])
+    table = list(VQAEVAL_CONTRACTIONS) + list(VQAEVAL_CONTRACTIONS.values())
+    assert not mismatches([(ev.normalize_answer(w), vqaeval_digit_article(w)) for w in table])
+
+
+def bench_rows(qs):
+    questions = [dict(question_id=i, image=f"img{i}.jpg", text=f"question {i}?", prompt=f"question {i}?")
+                 for i in range(len(qs))]
+    answers = [dict(question_id=q["question_id"], prompt=q["prompt"], text=p) for q, (p, _) in zip(questions, qs)]
+    return questions, answers
+
+
+def test_official_textvqa_accuracy():
+    qs = messy_questions(1)
+    official = [textvqa_evaluator(p, h) for p, h in qs]
+    assert not mismatches([(ev.textvqa_accuracy(p, h), o) for (p, h), o in zip(qs, official)])
+    questions, answers = bench_rows(qs)
+    humans = {(f"img{i}", f"question {i}?"): h for i, (_, h) in enumerate(qs)}
+    assert ev.score_textvqa(questions, answers, humans)["accuracy"] == pytest.approx(sum(official) / len(qs))
+
+
+def test_official_vqav2_vizwiz_accuracy_and_submission():
+    # LLaVA submits EvalAIAnswerProcessor's answers; the server scores them with vqaEval
+    qs = messy_questions(2)
+    official = [vqaeval_accuracy(evalai_processor(p), h) for p, h in qs]
+    assert not mismatches([(ev.vqa_accuracy(p, h), o) for (p, h), o in zip(qs, official)])
+    questions, answers = bench_rows(qs)
+    expected = pytest.approx(sum(official) / len(qs))
+    assert ev.score_vqav2(questions, answers, {i: h for i, (_, h) in enumerate(qs)})["accuracy"] == expected
+    assert ev.score_vizwiz(questions, answers, {f"img{i}.jpg": h for i, (_, h) in enumerate(qs)})["accuracy"] == \
+        expected
+    submitted = [evalai_processor(p) for p, _ in qs]
+    assert not mismatches(list(zip([r["answer"] for r in ev.submit_vqav2(questions, answers, "/nonexistent")],
+                                   submitted)))
+    assert not mismatches(list(zip([r["answer"] for r in ev.submit_vizwiz(questions, answers, "")], submitted)))
+
+
+POPE_PIECES = ["Yes", "yes", "No", "no", "NO", "not", "Not", "Nope", "there is a dog", "there is not a dog",
+               "There is no dog", "I don't know", "1.5", "maybe", "no\n", "\nno", "no\tdog", "not\n", "Yes,no"]
+
+
+def pope_answers(seed, n=400):
+    rng = random.Random(seed)
+    join = lambda: rng.choice([" ", " ", ", ", ",", ". ", ".", "\n", "\t", " \n", "  "])
+    out = []
+    for _ in range(n):
+        pieces = [rng.choice(POPE_PIECES) for _ in range(rng.choice([1, 1, 2, 3]))]
+        text = pieces[0] + "".join(join() + p for p in pieces[1:])
+        out.append(text + rng.choice(["", "", ".", ",", "\n", " ", "!"]) if rng.random() > 0.03 else "")
+    return out
+
+
+def test_official_pope_parsing_and_metrics():
+    texts = pope_answers(3)
+    assert not mismatches([(ev.parse_yes_no(t), pope_parse(t)) for t in texts])
+    rng = random.Random(4)
+    for start in range(0, len(texts), 20):  # 20 splits of 20 answers, the first with no yes at all
+        group = texts[start:start + 20] if start else ["No."] * 20
+        labels = [rng.choice(["yes", "no"]) for _ in group]
+        ours = ev.pope_metrics(dict(enumerate(group)), dict(enumerate(labels)))
+        try:
+            official = pope_official(group, labels)
+        except ZeroDivisionError:  # nothing said yes: eval_pope divides by zero where pope_metrics gives 0
+            assert start == 0
+            official = dict(accuracy=labels.count("no") / len(labels), precision=0.0, recall=0.0, f1=0.0,
+                            yes_ratio=0.0)
+        assert ours == official
 
 
 # =============================================================================
