@@ -772,6 +772,23 @@ def load_benchmark(cfg):
     return dict(name=name, questions=questions, ann=ann, image_folder=folder)
 
 
+def check_answers(path, questions, answers, extra_ok=False):
+    """Every question answered once, and (unless extra_ok: a --limit run reads a file a longer run wrote) every answer
+    one of the questions; else one line naming the file and the first bad id."""
+    asked, seen = {answer_key(q) for q in questions}, set()
+    for a in answers:
+        key = answer_key(a)
+        if key in seen:
+            raise ValueError(f"{path}: question_id {key[0]} is answered twice")
+        if key not in asked and not extra_ok:
+            raise ValueError(f"{path}: question_id {key[0]} is not in the question file")
+        seen.add(key)
+    missing = [q for q in questions if answer_key(q) not in seen]
+    if missing:
+        raise ValueError(f"{path}: no answer for question_id {missing[0]['question_id']} "
+                         f"({len(missing)} of {len(questions)} questions unanswered)")
+
+
 def read_answers(path):
     """The answers written so far. A last line cut short (the run was killed mid-write) is cut from the file."""
     if not os.path.exists(path):
@@ -807,6 +824,7 @@ def run_benchmark(model, tokenizer, image_processor, bench, cfg):
             generate_answers(model, tokenizer, image_processor, records, bench["image_folder"], cfg.batch_size,
                              cfg.max_new_tokens, on_answer=write)
     answers = read_answers(path)
+    check_answers(path, questions, answers, extra_ok=cfg.limit > 0)
     scores = spec["score"](questions, answers, bench["ann"], cfg)
     if "submit" in spec:
         with open(os.path.join(out, "answers_upload.json"), "w") as f:

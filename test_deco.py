@@ -1574,6 +1574,24 @@ def test_bench_command_writes_answers_resumes_and_scores(fake_data, tmp_path, mo
     assert asked() == 6 + 2                                  # only the two unanswered questions
     assert len(path.read_text().splitlines()) == 6
     assert json.loads((run / "pope" / "scores.json").read_text()) == scores
+    first = path.read_text().splitlines(keepends=True)[0]
+    path.write_text(path.read_text() + first)  # an answer twice: refused, not silently averaged
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: question_id \d+ is answered twice$"):
+        ev.main(argv)
+
+
+def test_check_answers_names_the_file_and_first_bad_id():
+    questions = [dict(question_id=i, prompt=f"q{i}") for i in (1, 2, 3)]
+    answer = lambda i, prompt=None: dict(question_id=i, prompt=prompt or f"q{i}", text="yes")
+    ev.check_answers("a.jsonl", questions, [answer(3), answer(1), answer(2)])
+    a1, a2, a3 = answer(1), answer(2), answer(3)
+    for answers, message in [([a1, a2], "no answer for question_id 3 (1 of 3 questions unanswered)"),
+                             ([a1, a2, a2, a3], "question_id 2 is answered twice"),
+                             ([a1, a2, a3, answer(9)], "question_id 9 is not in the question file"),
+                             ([a1, a2, answer(3, "other")], "question_id 3 is not in the question file")]:
+        with pytest.raises(ValueError, match="^a.jsonl: " + re.escape(message) + "$"):
+            ev.check_answers("a.jsonl", questions, answers)
+    ev.check_answers("a.jsonl", questions[:2], [answer(1), answer(2), answer(3)], extra_ok=True)  # a --limit run
 
 
 def test_bench_missing_files_and_bad_records(tmp_path):
