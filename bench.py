@@ -416,8 +416,9 @@ LLAVA_STAGE2_HOURS = 10  # LLaVA's README: visual instruction tuning of LLaVA-v1
 PAPER_M = dict(linear=576, avgpool=144, maxpool=144, qformer=144, cabstractor=144, dabstractor=144)
 
 
-def meta_models(vision=CLIP_L_336, llm=VICUNA_7B, lora_r=128):
-    """The tower and the LoRA'd LLM with every tensor on the meta device: shapes and counts, no memory."""
+def meta_counts(vision=CLIP_L_336, llm=VICUNA_7B, lora_r=128):
+    """Parameter counts of the tower, the LLM and LoRA on every Linear of the LLM, every tensor on the meta device:
+    shapes alone, no memory."""
     with torch.device("meta"):
         tower = CLIPVisionModel(CLIPVisionConfig(**vision))
         lm = LlamaForCausalLM(LlamaConfig(**llm))
@@ -425,7 +426,7 @@ def meta_models(vision=CLIP_L_336, llm=VICUNA_7B, lora_r=128):
     lm = get_peft_model(lm.requires_grad_(False), LoraConfig(r=lora_r, lora_alpha=2 * lora_r,
                                                              target_modules="all-linear"))
     counts["lora"] = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    return tower, lm, counts
+    return counts
 
 
 def saved_bytes(llm, lora_r, layers, lengths, batch=1):
@@ -480,7 +481,7 @@ def stage2_memory(counts, trainable, llm, per_layer, outside, b, T, K, checkpoin
 
 def plan(cfg):
     """LLaVA-1.5-7B's stage 2 on paper, for linear (576 visual tokens) and avgpool (144). -> dict, printed."""
-    tower, lm, counts = meta_models(lora_r=cfg.plan_lora_r)
+    counts = meta_counts(lora_r=cfg.plan_lora_r)
     vision, llm = CLIPVisionConfig(**CLIP_L_336), LlamaConfig(**VICUNA_7B)
     N, d_v, d = (336 // 14) ** 2, CLIP_L_336["hidden_size"], VICUNA_7B["hidden_size"]
     with torch.device("meta"):
